@@ -1,0 +1,345 @@
+r"""The residual block $y = x + g(x)$: explicit map with log-det, and its inverse.
+
+This is the single core behind the Pyro and normflows adapters. $g$ must be a contraction
+($\mathrm{Lip}(g) < 1$, e.g. a :class:`~pyro_iresnet.LipschitzMLP`), so that
+
+$$ \log p(x) = \log p(z) + \log\det(I + J_g(x)), \qquad z = x + g(x), $$
+
+and $x$ is recovered from $z$ by the fixed point $x \leftarrow z - g(x)$.
+
+References:
+    Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+    Residual Flows for Invertible Generative Modeling (Chen et al., 2019),
+    https://arxiv.org/abs/1906.02735
+"""
+
+from __future__ import annotations
+
+__all__ = ["Diagnostics", "ResidualBlock"]
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import (
+    check_choice,
+    check_finite,
+    check_positive_int,
+    check_probability,
+)
+from .inverse import SolveInfo, fixed_point_inverse
+from .lipschitz import frozen_spectral_norm, lipschitz_estimate, refresh_spectral_norm
+from .logdet import (
+    backward_in_forward,
+    draw_probes,
+    exact_logdet,
+    hutchinson_logdet,
+    jacobian_series_logdet,
+    roulette_weights,
+    series_weights,
+)
+
+LOGDET_METHODS = ("unbiased", "series", "exact")
+EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
+
+
+@dataclass
+class Diagnostics:
+    """What the last call of a block did.
+
+    Attributes:
+        logdet_method: Estimator used (``"exact"``, ``"series"`` or ``"unbiased"``), or ``None``.
+        n_terms: Series terms evaluated (``None`` for ``"exact"``).
+        inverse: The last inverse solve's iterations and residuals, or ``None``.
+    """
+
+    logdet_method: str | None = None
+    n_terms: int | None = None
+    inverse: SolveInfo | None = None
+
+
+class ResidualBlock(nn.Module):
+    r"""Invertible residual block $y = x + g(x)$ with $\mathrm{Lip}(g) < 1$.
+
+    The explicit direction is $x \mapsto y$; the inverse solves $x + g(x) = y$ by fixed-point
+    iteration (or Anderson acceleration) with an implicit gradient. The log-det of the explicit
+    map is estimated per sample by one of three estimators:
+
+    * ``"exact"``: full Jacobian and ``slogdet``; intended up to a few dozen dimensions.
+    * ``"series"``: first ``n_terms`` terms of $\sum_k (-1)^{k+1}\operatorname{tr}(J^k)/k$ with
+      Hutchinson traces; biased by at most :func:`~pyro_iresnet.logdet_error_bound`.
+    * ``"unbiased"``: Russian roulette over the series; its expectation is the exact log-det.
+
+    In ``eval()`` mode the estimator is ``eval_logdet``: ``"auto"`` (default) means exact when the
+    event has at most ``exact_max_dim`` entries, else the training estimator ``logdet``; any other
+    value forces that estimator. Spectral normalisation runs one round of power iteration per
+    training-mode call (forward or inverse) and is frozen within the call and its backward.
+
+    Args:
+        net: The residual function $g$, mapping ``(N, *event)`` to ``(N, *event)`` sample-wise.
+        event_dim: Number of trailing event dimensions (1 for vectors, 3 for images).
+        logdet: Training-mode estimator: ``"unbiased"``, ``"series"`` or ``"exact"``.
+        n_terms: Number of series terms for ``"series"``.
+        n_exact_terms: Terms always computed by ``"unbiased"``.
+        roulette: ``"geometric"`` (parameter ``p``) or ``"poisson"`` (parameter ``lam``).
+        p: Success probability of the geometric roulette.
+        lam: Rate of the Poisson roulette.
+        n_roulette_draws: Roulette draws averaged into the term weights.
+        n_probes: Hutchinson probes per sample.
+        probe: ``"gaussian"`` or ``"rademacher"``.
+        exact_trace: Series traces from the full Jacobian instead of Hutchinson probes.
+        neumann_grad: Gradient through the Neumann series (memory flat in the number of terms).
+        memory_efficient: Compute the log-det gradients in the forward pass (backward-in-forward).
+        eval_logdet: Estimator in ``eval()`` mode, see above.
+        exact_max_dim: Largest event size for which ``eval_logdet="auto"`` is exact.
+        atol: Inverse residual tolerance (default: 1e-6 in float32, 1e-12 in float64).
+        rtol: Inverse tolerance relative to $\|y\|_\infty$.
+        max_iter: Iteration cap of the inverse and of its adjoint.
+        inverse_method: ``"fixed_point"`` or ``"anderson"``.
+        strict: Raise :class:`~pyro_iresnet.ConvergenceError` instead of warning.
+        check_finite: Reject NaN/Inf inputs. ``None`` checks CPU tensors only, since the check
+            reads the tensor (a host-device sync on accelerators).
+
+    Examples:
+        >>> from pyro_iresnet import LipschitzMLP, ResidualBlock
+        >>> block = ResidualBlock(LipschitzMLP([2, 16, 2], coeff=0.9), logdet="exact")
+        >>> x = torch.randn(5, 2)
+        >>> y, logdet = block.forward_and_logdet(x)
+        >>> torch.allclose(block.inverse(y), x, atol=1e-5), logdet.shape
+        (True, torch.Size([5]))
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        *,
+        event_dim: int = 1,
+        logdet: str = "unbiased",
+        n_terms: int = 10,
+        n_exact_terms: int = 2,
+        roulette: str = "geometric",
+        p: float = 0.5,
+        lam: float = 2.0,
+        n_roulette_draws: int = 1,
+        n_probes: int = 1,
+        probe: str = "gaussian",
+        exact_trace: bool = False,
+        neumann_grad: bool = True,
+        memory_efficient: bool = False,
+        eval_logdet: str = "auto",
+        exact_max_dim: int = 64,
+        atol: float | None = None,
+        rtol: float | None = None,
+        max_iter: int = 1000,
+        inverse_method: str = "fixed_point",
+        strict: bool = False,
+        check_finite: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        self.net = net
+        self.event_dim = check_positive_int("event_dim", event_dim)
+        self.logdet_method = check_choice("logdet", logdet, LOGDET_METHODS)
+        self.n_terms = check_positive_int("n_terms", n_terms)
+        self.n_exact_terms = check_positive_int("n_exact_terms", n_exact_terms, minimum=0)
+        self.roulette = check_choice("roulette", roulette, ("geometric", "poisson"))
+        self.p = check_probability("p", p)
+        if not lam > 0:
+            raise ValueError(f"lam must be > 0, got {lam}")
+        self.lam = float(lam)
+        self.n_roulette_draws = check_positive_int("n_roulette_draws", n_roulette_draws)
+        self.n_probes = check_positive_int("n_probes", n_probes)
+        self.probe = check_choice("probe", probe, ("gaussian", "rademacher"))
+        self.exact_trace = bool(exact_trace)
+        self.neumann_grad = bool(neumann_grad)
+        self.memory_efficient = bool(memory_efficient)
+        self.eval_logdet = check_choice("eval_logdet", eval_logdet, EVAL_LOGDET_METHODS)
+        self.exact_max_dim = check_positive_int("exact_max_dim", exact_max_dim)
+        for name, tol in (("atol", atol), ("rtol", rtol)):
+            if tol is not None and not tol >= 0:
+                raise ValueError(f"{name} must be >= 0, got {tol}")
+        self.atol, self.rtol = atol, rtol
+        self.max_iter = check_positive_int("max_iter", max_iter)
+        self.inverse_method = check_choice("inverse_method", inverse_method, ("fixed_point", "anderson"))
+        self.strict = bool(strict)
+        self.check_finite = check_finite
+        self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
+        self.last_diagnostics = Diagnostics()
+
+    @property
+    def residual_net(self) -> nn.Module:
+        """The residual function $g$ (what :func:`~pyro_iresnet.lipschitz_bound` certifies)."""
+        return self.net
+
+    # -- helpers ---------------------------------------------------------------------------
+    def g(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """$g(x)$ (or $g(x, c)$) on flattened inputs ``(N, *event)`` with power iteration frozen."""
+        with frozen_spectral_norm(self.net):
+            return self.net(x) if context is None else self.net(x, context)
+
+    def refresh_lipschitz(self) -> None:
+        """Power iteration on $g$'s layers, run by every training-mode call (a no-op while the
+        weights are unchanged since the last refresh)."""
+        refresh_spectral_norm(self.net)
+
+    def _params(self) -> list[Tensor]:
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def _check_tensor(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        param = next(self.net.parameters(), None)
+        if param is not None and param.dtype != x.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the block's parameters are {param.dtype}; "
+                f"convert one of them (e.g. block.to({x.dtype}))"
+            )
+        if self.check_finite or (self.check_finite is None and x.device.type == "cpu"):
+            check_finite(name, x)
+
+    def _prepare(
+        self, x: Tensor, name: str, context: Tensor | None
+    ) -> tuple[Tensor, Tensor | None, torch.Size, torch.Size]:
+        """Validate, broadcast with the context and flatten to ``(N, *event)``.
+
+        Returns the flat input, the flat context (or None), the batch shape and the full shape.
+        """
+        self._check_tensor(x, name)
+        event_shape = tuple(x.shape[x.dim() - self.event_dim:]) if x.dim() >= self.event_dim else None
+        if event_shape is None or (self.event_shape is not None and event_shape != tuple(self.event_shape)):
+            expected = "(..., " + ", ".join(map(str, self.event_shape or ("*",) * self.event_dim)) + ")"
+            raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+        batch_shape = x.shape[: x.dim() - self.event_dim]
+        if context is None:
+            return x.reshape(-1, *event_shape), None, batch_shape, x.shape
+        self._check_tensor(context, "context")
+        if context.dim() < 1:
+            raise ValueError(f"context must have shape (..., context_dim), got {tuple(context.shape)}")
+        try:
+            batch_shape = torch.broadcast_shapes(batch_shape, context.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"{name} batch shape {tuple(batch_shape)} does not broadcast with context shape "
+                f"{tuple(context.shape)}"
+            ) from None
+        full_shape = batch_shape + event_shape
+        flat_x = x.expand(full_shape).reshape(-1, *event_shape)
+        flat_context = context.expand(batch_shape + context.shape[-1:]).reshape(-1, context.shape[-1])
+        return flat_x, flat_context, batch_shape, full_shape
+
+    def _current_logdet_method(self, event_size: int) -> str:
+        if self.training:
+            return self.logdet_method
+        if self.eval_logdet == "auto":
+            return "exact" if event_size <= self.exact_max_dim else self.logdet_method
+        return self.eval_logdet
+
+    def _logdet_flat(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        """$g(x)$ and the log-det for flattened inputs; records diagnostics."""
+        method = self._current_logdet_method(x[0].numel())
+        params = self._params()
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or bool(params) or (context is not None and context.requires_grad)
+        )
+        if method == "exact":
+            self.last_diagnostics = Diagnostics("exact", None, None)
+            with torch.set_grad_enabled(needs_grad):
+                return exact_logdet(self.g, x, context)
+        if method == "series":
+            weights = series_weights(self.n_terms)
+        else:
+            param = self.p if self.roulette == "geometric" else self.lam
+            weights = roulette_weights(self.n_exact_terms, self.roulette, param, self.n_roulette_draws)
+        self.last_diagnostics = Diagnostics(method, len(weights), None)
+        if self.exact_trace:
+            with torch.set_grad_enabled(needs_grad):
+                return jacobian_series_logdet(self.g, x, weights, context)
+        probes = draw_probes(x, self.n_probes, self.probe)
+
+        def g(z: Tensor) -> Tensor:
+            return self.g(z, context)
+
+        if needs_grad and self.memory_efficient:
+            if context is not None and context.requires_grad:
+                raise ValueError(
+                    "memory_efficient=True does not propagate gradients to a context that requires "
+                    "grad; use memory_efficient=False"
+                )
+
+            def estimator(x_leaf: Tensor) -> tuple[Tensor, Tensor]:
+                return hutchinson_logdet(g, x_leaf, weights, probes, self.neumann_grad, True)
+
+            return backward_in_forward(estimator, x, params)
+        return hutchinson_logdet(g, x, weights, probes, self.neumann_grad, needs_grad)
+
+    # -- public API ------------------------------------------------------------------------
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The explicit map $y = x + g(x)$, for ``x`` of shape ``(..., *event)``."""
+        x_flat, context, _, shape = self._prepare(x, "x", context)
+        if self.training:
+            self.refresh_lipschitz()
+        return (x_flat + self.g(x_flat, context)).reshape(shape)
+
+    def forward_and_logdet(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""$y = x + g(x)$ and $\log|\det \partial y/\partial x|$ of the batch shape.
+
+        Args:
+            x: Inputs of shape ``(..., *event)``.
+            context: For a conditional $g(x, c)$: context of shape ``(..., context_dim)``,
+                broadcast against the batch shape of ``x``.
+        """
+        x_flat, context, batch_shape, shape = self._prepare(x, "x", context)
+        if self.training:
+            self.refresh_lipschitz()
+        gx, logdet = self._logdet_flat(x_flat, context)
+        return (x_flat + gx).reshape(shape), logdet.reshape(batch_shape)
+
+    def logdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        r"""$\log|\det(I + J_g(x))|$ of the batch shape."""
+        return self.forward_and_logdet(x, context)[1]
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
+        """$x$ with $x + g(x) = y$, differentiable in $y$, the context and $g$'s parameters
+        (implicit gradient).
+
+        Warns:
+            ConvergenceWarning: A sample did not reach the tolerance in ``max_iter`` iterations.
+
+        Raises:
+            ConvergenceError: The same, with ``strict=True``.
+        """
+        y_flat, context, _, shape = self._prepare(y, "y", context)
+        if self.training:
+            self.refresh_lipschitz()
+        params = self._params() if torch.is_grad_enabled() else []
+        x, info = fixed_point_inverse(
+            self.g, y_flat, params, context=context,
+            atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, method=self.inverse_method,
+            strict=self.strict, lipschitz=lambda: lipschitz_estimate(self.net),
+        )
+        self.last_diagnostics = Diagnostics(inverse=info)
+        return x.reshape(shape)
+
+    def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
+        inverse map's log-det)."""
+        x = self.inverse(y, context)
+        info = self.last_diagnostics.inverse
+        x_flat, context, batch_shape, _ = self._prepare(x, "x", context)
+        _, logdet = self._logdet_flat(x_flat, context)
+        self.last_diagnostics.inverse = info
+        return x, logdet.reshape(batch_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"logdet={self.logdet_method!r}, eval_logdet={self.eval_logdet!r}, "
+            f"neumann_grad={self.neumann_grad}, memory_efficient={self.memory_efficient}, "
+            f"inverse_method={self.inverse_method!r}"
+        )
+
+
