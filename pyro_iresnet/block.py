@@ -29,6 +29,7 @@ from .errors import (
     check_positive_int,
     check_probability,
 )
+from .fused import fused_logdet, fused_mlp, newton_inverse, solver_net, supports_fused
 from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import frozen_spectral_norm, lipschitz_estimate, refresh_spectral_norm
 from .logdet import (
@@ -97,10 +98,17 @@ class ResidualBlock(nn.Module):
         atol: Inverse residual tolerance (default: 1e-6 in float32, 1e-12 in float64).
         rtol: Inverse tolerance relative to $\|y\|_\infty$.
         max_iter: Iteration cap of the inverse and of its adjoint.
-        inverse_method: ``"fixed_point"`` or ``"anderson"``.
+        inverse_method: ``"fixed_point"``, ``"anderson"``, or ``"newton"`` (safeguarded Newton with
+            the exact Jacobian and an exactly solved adjoint, :func:`~pyro_iresnet.fused.newton_inverse`;
+            needs the fused path: a supported ``LipschitzMLP``, no context; meant for small $d$).
         strict: Raise :class:`~pyro_iresnet.ConvergenceError` instead of warning.
         check_finite: Reject NaN/Inf inputs. ``None`` checks CPU tensors only, since the check
             reads the tensor (a host-device sync on accelerators).
+        fused: Fast path of :mod:`pyro_iresnet.fused` (one autograd Function per block with
+            closed-form gradients; same values and gradients as the generic path for the same
+            draws). ``"auto"`` (default) uses it whenever ``net`` is a supported ``LipschitzMLP``
+            and the call has no context and ``exact_trace=False``; ``True`` requires a supported
+            ``net``; ``False`` always uses the generic autograd path.
 
     Examples:
         >>> from pyro_iresnet import LipschitzMLP, ResidualBlock
@@ -136,6 +144,7 @@ class ResidualBlock(nn.Module):
         inverse_method: str = "fixed_point",
         strict: bool = False,
         check_finite: bool | None = None,
+        fused: bool | str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -163,9 +172,24 @@ class ResidualBlock(nn.Module):
                 raise ValueError(f"{name} must be >= 0, got {tol}")
         self.atol, self.rtol = atol, rtol
         self.max_iter = check_positive_int("max_iter", max_iter)
-        self.inverse_method = check_choice("inverse_method", inverse_method, ("fixed_point", "anderson"))
+        self.inverse_method = check_choice(
+            "inverse_method", inverse_method, ("fixed_point", "anderson", "newton")
+        )
         self.strict = bool(strict)
         self.check_finite = check_finite
+        if fused not in (True, False, "auto"):
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        if fused is True and not supports_fused(net):
+            raise ValueError(
+                f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
+                "use fused='auto' or False"
+            )
+        self.fused = fused
+        if inverse_method == "newton" and (fused is False or not supports_fused(net)):
+            raise ValueError(
+                f"inverse_method='newton' needs the fused path (a LipschitzMLP with LipSwish/ELU and "
+                f"fused != False), got net {type(net).__name__} and fused={fused!r}"
+            )
         self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
         self.last_diagnostics = Diagnostics()
 
@@ -184,6 +208,13 @@ class ResidualBlock(nn.Module):
         """Power iteration on $g$'s layers, run by every training-mode call (a no-op while the
         weights are unchanged since the last refresh)."""
         refresh_spectral_norm(self.net)
+
+    def _fused_net(self, context: Tensor | None):
+        """The fast-path parameters (see ``fused``) for this call, or ``None`` for the generic path."""
+        if self.fused is False or context is not None or self.exact_trace:
+            return None
+        with frozen_spectral_norm(self.net):
+            return fused_mlp(self.net)
 
     def _params(self) -> list[Tensor]:
         return [p for p in self.net.parameters() if p.requires_grad]
@@ -246,9 +277,13 @@ class ResidualBlock(nn.Module):
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad or bool(params) or (context is not None and context.requires_grad)
         )
+        with torch.set_grad_enabled(needs_grad):
+            fast = self._fused_net(context)
         if method == "exact":
             self.last_diagnostics = Diagnostics("exact", None, None)
             with torch.set_grad_enabled(needs_grad):
+                if fast is not None:
+                    return fused_logdet(fast, x, "exact")
                 return exact_logdet(self.g, x, context)
         if method == "series":
             weights = series_weights(self.n_terms)
@@ -260,6 +295,9 @@ class ResidualBlock(nn.Module):
             with torch.set_grad_enabled(needs_grad):
                 return jacobian_series_logdet(self.g, x, weights, context)
         probes = draw_probes(x, self.n_probes, self.probe)
+        if fast is not None:  # memory_efficient changes nothing here: the fused backward is flat
+            with torch.set_grad_enabled(needs_grad):
+                return fused_logdet(fast, x, "series", weights, probes, self.neumann_grad)
 
         def g(z: Tensor) -> Tensor:
             return self.g(z, context)
@@ -317,8 +355,28 @@ class ResidualBlock(nn.Module):
         if self.training:
             self.refresh_lipschitz()
         params = self._params() if torch.is_grad_enabled() else []
+        if self.inverse_method == "newton":
+            if context is not None:
+                raise ValueError("inverse_method='newton' does not support a context; use 'fixed_point'")
+            with torch.set_grad_enabled(bool(params)):
+                fast = self._fused_net(None)
+            x, info = newton_inverse(
+                fast, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
+                lipschitz=lambda: lipschitz_estimate(self.net),
+            )
+            self.last_diagnostics = Diagnostics(inverse=info)
+            return x.reshape(shape)
+        with torch.no_grad():
+            fast = self._fused_net(context)
+        g = self.g
+        if fast is not None:  # solver iterations (no_grad) skip the modules; the adjoint uses g
+            g_solver = solver_net(fast)
+
+            def g(x: Tensor, context: Tensor | None = None) -> Tensor:
+                return self.g(x, context) if torch.is_grad_enabled() else g_solver(x)
+
         x, info = fixed_point_inverse(
-            self.g, y_flat, params, context=context,
+            g, y_flat, params, context=context,
             atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, method=self.inverse_method,
             strict=self.strict, lipschitz=lambda: lipschitz_estimate(self.net),
         )

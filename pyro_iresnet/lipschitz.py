@@ -35,6 +35,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributions.transforms import ComposeTransform, _InverseTransform
 
 from .errors import check_choice, check_positive_int, check_unit_interval
 
@@ -314,10 +315,10 @@ def _residual_nets(obj: object) -> list[nn.Module] | None:
     """The residual nets ``g`` inside a block, a transform, a composition or a model (or None)."""
     if hasattr(obj, "residual_net"):
         return [obj.residual_net]
-    if hasattr(obj, "parts"):  # torch ComposeTransform
+    if isinstance(obj, ComposeTransform):
         found = [_residual_nets(part) for part in obj.parts]
         return [net for nets in found if nets for net in nets]
-    if hasattr(obj, "_inv") and not isinstance(obj, nn.Module):  # torch _InverseTransform
+    if isinstance(obj, _InverseTransform):
         return _residual_nets(obj._inv)
     if isinstance(obj, nn.Module):
         nets = [m.residual_net for m in obj.modules() if hasattr(m, "residual_net")]

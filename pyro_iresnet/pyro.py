@@ -52,6 +52,7 @@ class _ResidualTransform:
 
     def _init_transform(self, event_dim: int) -> None:
         self._cached_logdet: tuple[Tensor, Tensor, Tensor] | None = None
+        self._cached_state: tuple[tuple[int, int], ...] | None = None
         if event_dim != 1:
             self.domain = constraints.independent(constraints.real, event_dim)
             self.codomain = constraints.independent(constraints.real, event_dim)
@@ -64,26 +65,50 @@ class _ResidualTransform:
     def residual_net(self) -> nn.Module:
         return self.block.net
 
+    def _state(self) -> tuple[tuple[int, int], ...]:
+        """Storage and in-place version of every parameter (and of the context): an optimiser step
+        or ``.to()`` changes it, which invalidates the caches."""
+        tensors = [*self.block.parameters(), *(() if self._context is None else (self._context,))]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def _drop_stale_cache(self) -> None:
+        if self._cached_state is not None and self._cached_state != self._state():
+            self.clear_cache()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._drop_stale_cache()
+        return super().__call__(x)
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        self._drop_stale_cache()
+        return super()._inv_call(y)
+
     def _call(self, x: Tensor) -> Tensor:
         y, logdet = self.block.forward_and_logdet(x, self._context)
         self._cached_logdet = (x, y, logdet)
+        self._cached_state = self._state()
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
-        return self.block.inverse(y, self._context)
+        x = self.block.inverse(y, self._context)
+        self._cached_state = self._state()
+        return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         """Log-det of ``x -> y``, shape = batch shape. The pair just produced by ``_call`` is served
         from a cache (the same estimator draw); any other pair is estimated afresh at ``x``."""
+        self._drop_stale_cache()
         cached = self._cached_logdet
         if cached is not None and cached[0] is x and cached[1] is y:
             return cached[2]
         return self.block.logdet(x, self._context)
 
     def clear_cache(self) -> None:
-        """Forget the cached pair and its log-det."""
+        """Forget the cached pair and its log-det. Not needed after an optimiser step: the caches
+        are dropped automatically once a parameter (or the context) changes in place."""
         self._cached_x_y = None, None
         self._cached_logdet = None
+        self._cached_state = None
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         return torch.Size(shape)

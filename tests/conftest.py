@@ -8,6 +8,11 @@ import torch
 from pyro_iresnet import LipschitzMLP, SpectralNormLinear
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests use tiny tensors: one thread avoids oversubscribing the CI machine's two cores.
+    torch.set_num_threads(1)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="device for device-parametrised tests")
 
@@ -33,14 +38,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_slow)
 
 
+def _orthonormal_columns(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, max(rows, cols), dtype=dtype))
+    return q[:, :cols] if rows >= cols else torch.linalg.qr(torch.randn(cols, rows, dtype=dtype))[0].T
+
+
 def make_active_mlp(dims: list[int], coeff: float, dtype: torch.dtype = torch.float64, scale: float = 5.0,
                     activation: str = "lipswish") -> LipschitzMLP:
-    """A LipschitzMLP whose weights were scaled up so that every normalisation is active, with
-    power iteration converged on the scaled weights."""
+    """A LipschitzMLP whose Jacobian is far from trivial: the normalised weights chain an
+    orthonormal embedding U, identities and O U^T (O a random rotation), with biases that put the
+    activations near their maximal slope, so J_g(x) ~ c^L O U^T D U has a spectral norm close to
+    the certified bound. The raw weights are then scaled by ``scale`` so that every normalisation
+    is active, and power iteration is converged on them."""
     net = LipschitzMLP(dims, coeff=coeff, activation=activation).to(dtype)
+    layers = [m for m in net.modules() if isinstance(m, SpectralNormLinear)]
+    d_in, d_out = dims[0], dims[-1]
+    embed = _orthonormal_columns(dims[1], d_in, dtype) if len(layers) > 1 else None
+    rotation = _orthonormal_columns(d_out, d_out, dtype)
     with torch.no_grad():
-        for layer in net.modules():
-            if isinstance(layer, SpectralNormLinear):
-                layer.weight.mul_(scale)
-                layer._converge_power_iteration(rtol=1e-6)
+        for i, layer in enumerate(layers):
+            if len(layers) == 1:
+                weight = _orthonormal_columns(d_out, d_in, dtype)
+            elif i == 0:
+                weight = embed
+            elif i == len(layers) - 1:
+                back = embed if dims[-2] == dims[1] else _orthonormal_columns(dims[-2], d_in, dtype)
+                weight = rotation @ back.T[:d_out] if d_out <= d_in else rotation @ back.T
+            else:
+                weight = torch.eye(layer.out_features, layer.in_features, dtype=dtype)
+            layer.weight.copy_(scale * weight)
+            if i < len(layers) - 1:
+                layer.bias.fill_(2.4)
+            layer._converge_power_iteration(rtol=1e-6)
     return net

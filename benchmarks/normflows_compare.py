@@ -1,0 +1,282 @@
+"""Ours vs ``normflows.flows.Residual`` on the normflows residual-flow architecture (issue 4).
+
+16 x [Residual(2-128-128-2, coeff 0.9), ActNorm], batch 512, two moons, normflows' default
+estimator settings (unbiased geometric roulette p=0.5, 2 exact terms, 1 Gaussian probe,
+reduce_memory=True, i.e. Neumann gradient + gradients in the forward pass). normflows runs
+``nf.utils.update_lipschitz(model, 5)`` after each optimiser step, as it requires; ours refreshes
+its spectral norms itself. Both last layers start near zero (normflows' ``init_zeros``: weight/1000).
+
+Measured side by side in one process (``torch.set_num_threads``): median train-step time
+(forward_kld + backward + Adam step [+ update_lipschitz]), time to sample 512 points in eval mode
+(ours: inverse to a 1e-6 residual; theirs: its default squared-step stop), before and after
+``--steps`` training steps, and the held-out NLL (exact log-det, eval mode) at equal wall-clock.
+Peak memory of one training step is the rise of the resident set size (``ru_maxrss`` minus the RSS
+before the step) in a fresh subprocess per implementation, after a small warm-up step.
+
+Usage::
+
+    python benchmarks/normflows_compare.py                  # full: 2,000 training steps
+    python benchmarks/normflows_compare.py --steps 50 --eval-every 25 --timing-steps 5   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import normflows as nf
+import torch
+
+from pyro_iresnet import LipschitzMLP, ResidualBlock
+
+try:  # the adapter of issue 4 (part A); a local stand-in while it does not exist
+    from pyro_iresnet.normflows import Residual as OursResidual
+except ImportError:  # pragma: no cover - development fallback
+    OursResidual = None
+
+
+class _StandInResidual(nf.flows.Flow):
+    """Minimal normflows flow over ResidualBlock (reverse=True), used only without the adapter."""
+
+    def __init__(self, net: torch.nn.Module, **options) -> None:
+        super().__init__()
+        self.block = ResidualBlock(net, **options)
+
+    def forward(self, z):
+        x, logdet = self.block.inverse_and_logdet(z)
+        return x, -logdet
+
+    def inverse(self, z):
+        return self.block.forward_and_logdet(z)
+
+
+def two_moons(n: int, generator: torch.Generator, noise: float = 0.05) -> torch.Tensor:
+    """Two interleaving half circles (standardised), from torch's RNG."""
+    t = torch.rand(n, generator=generator) * math.pi
+    upper = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(upper, torch.cos(t), 1 - torch.cos(t))
+    y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
+    data = torch.stack([x, y], 1) + noise * torch.randn(n, 2, generator=generator)
+    return (data - torch.tensor([0.5, 0.25])) / torch.tensor([0.87, 0.5])
+
+
+def build(which: str, blocks: int, hidden: int, fused: bool | str = "auto") -> nf.NormalizingFlow:
+    flows = []
+    for _ in range(blocks):
+        if which == "theirs":
+            net = nf.nets.LipschitzMLP([2, hidden, hidden, 2], lipschitz_const=0.9, init_zeros=True)
+            flows.append(nf.flows.Residual(net, reduce_memory=True))
+        else:
+            net = LipschitzMLP([2, hidden, hidden, 2], coeff=0.9)
+            with torch.no_grad():
+                net.layers[-1].weight.div_(1000)  # as normflows' init_zeros
+            if OursResidual is not None:
+                flows.append(OursResidual(net, reduce_memory=True, fused=fused, inverse_method="newton"))
+            else:
+                flows.append(_StandInResidual(net, neumann_grad=True, memory_efficient=True, fused=fused,
+                                              inverse_method="newton"))
+        flows.append(nf.flows.ActNorm(2))
+    return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
+
+
+class Trainer:
+    def __init__(self, which: str, model: nf.NormalizingFlow, lr: float) -> None:
+        self.which, self.model = which, model
+        self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
+
+    def step(self, x: torch.Tensor) -> float:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.model.forward_kld(x)
+        loss.backward()
+        self.opt.step()
+        if self.which == "theirs":
+            nf.utils.update_lipschitz(self.model, 5)
+        return float(loss.detach())
+
+
+def held_out_nll(model: nf.NormalizingFlow, x: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float(-model.log_prob(x).mean())
+
+
+def set_inverse_method(model: nf.NormalizingFlow, method: str) -> None:
+    for m in model.modules():
+        if isinstance(m, ResidualBlock):
+            m.inverse_method = method
+
+
+def inverse_iterations(model: nf.NormalizingFlow) -> int:
+    """Total inverse iterations of ours in the last call, summed over blocks."""
+    return sum(m.last_diagnostics.inverse.iterations for m in model.modules()
+               if isinstance(m, ResidualBlock) and m.last_diagnostics.inverse is not None)
+
+
+def sample_times(models: dict[str, nf.NormalizingFlow], n: int, reps: int) -> dict[str, dict]:
+    """Interleaved sampling times (eval mode, no_grad): ours with Newton and with the fixed point."""
+    variants = {"ours (newton)": ("ours", "newton"), "ours (fixed_point)": ("ours", "fixed_point"),
+                "normflows": ("theirs", None)}
+    iters: dict[str, int | None] = {k: None for k in variants}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(reps):
+        for name, (which, method) in variants.items():
+            model = models[which].eval()
+            if method:
+                set_inverse_method(model, method)
+            start = time.perf_counter()
+            with torch.no_grad():
+                z, _ = model.sample(n)
+            times[name].append(time.perf_counter() - start)
+            if not bool(torch.isfinite(z).all()):
+                raise RuntimeError(f"{name}: non-finite samples")
+            if method:
+                iters[name] = inverse_iterations(model)
+    set_inverse_method(models["ours"], "newton")
+    return {k: {"min": min(v), "median": statistics.median(v), "iterations": iters[k]}
+            for k, v in times.items()}
+
+
+def step_times(trainers: dict[str, Trainer], data: torch.Generator, batch: int, n: int) -> dict[str, dict]:
+    times: dict[str, list[float]] = {k: [] for k in trainers}
+    for _ in range(n):  # interleaved, same batches
+        x = two_moons(batch, data)
+        for name, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.step(x)
+            times[name].append(time.perf_counter() - start)
+    return {k: {"min": min(v), "median": statistics.median(v)} for k, v in times.items()}
+
+
+def memory_child(which: str, args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    trainer = Trainer(which, build(which, args.blocks, args.hidden), args.lr)
+    trainer.step(two_moons(16, gen))  # warm-up: lazy initialisations, optimiser state
+    x = two_moons(args.batch, gen)
+    with open("/proc/self/statm") as f:
+        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    trainer.step(x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_mib": (peak - rss_before) / 2**20}))
+
+
+def peak_memory(which: str, args: argparse.Namespace) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", which, "--threads", str(args.threads),
+           "--blocks", str(args.blocks), "--hidden", str(args.hidden), "--batch", str(args.batch)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=2000, help="training steps per model")
+    parser.add_argument("--eval-every", type=int, default=250, help="held-out NLL every N steps")
+    parser.add_argument("--timing-steps", type=int, default=20, help="train steps timed (median)")
+    parser.add_argument("--sample-reps", type=int, default=3, help="sampling repetitions (median)")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--test-size", type=int, default=4096)
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--save", default=None, help="save both trained models' state_dicts here")
+    parser.add_argument("--load", default=None, help="skip training: load a --save file as the trained state")
+    parser.add_argument("--memory-child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args)
+        return
+    torch.set_num_threads(args.threads)
+    adapter = "pyro_iresnet.normflows.Residual" if OursResidual is not None else "stand-in over ResidualBlock"
+    print(f"torch {torch.__version__}, threads {args.threads}, ours via {adapter}", flush=True)
+    test = two_moons(args.test_size, torch.Generator().manual_seed(123))
+    models = {}
+    for which in ("ours", "theirs"):
+        torch.manual_seed(0)
+        models[which] = build(which, args.blocks, args.hidden)
+    trainers = {k: Trainer(k, m, args.lr) for k, m in models.items()}
+    data = torch.Generator().manual_seed(7)
+    res: dict = {"args": vars(args)}
+    step_times(trainers, data, args.batch, 2)  # warm-up (also ActNorm's data-dependent init)
+    res["step_fresh"] = step_times(trainers, data, args.batch, args.timing_steps)
+    res["sample_fresh"] = sample_times(models, args.batch, args.sample_reps)
+    print(json.dumps(res), flush=True)
+    res["peak_step_mib"] = {k: peak_memory(k, args) for k in models}
+    print(json.dumps(res["peak_step_mib"]), flush=True)
+    if args.load:  # trained state from an earlier --save: sampling and step timing only
+        state = torch.load(args.load)
+        for k, m in models.items():
+            m.load_state_dict(state[k])
+        res["curves"] = None
+    else:  # interleaved training, same batches; wall-clock of the steps only
+        curves: dict[str, list] = {k: [] for k in models}
+        elapsed = {k: 0.0 for k in models}
+        for step in range(1, args.steps + 1):
+            x = two_moons(args.batch, data)
+            for k, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.step(x)
+                elapsed[k] += time.perf_counter() - start
+            if step % args.eval_every == 0 or step == args.steps:
+                for k, m in models.items():
+                    curves[k].append((step, elapsed[k], held_out_nll(m, test)))
+                print(f"step {step}: " + ", ".join(f"{k} {elapsed[k]:.0f}s nll {curves[k][-1][2]:.4f}"
+                                                    for k in models), flush=True)
+        res["curves"] = curves
+        if args.save:
+            torch.save({k: m.state_dict() for k, m in models.items()}, args.save)
+    res["sample_trained"] = sample_times(models, args.batch, args.sample_reps)
+    res["step_trained"] = step_times(trainers, data, args.batch, args.timing_steps)
+    report(res, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def report(res: dict, args: argparse.Namespace) -> None:
+    trained = f"after {args.steps} steps" if not args.load else f"trained ({args.load})"
+    print("\n| metric | ours | normflows | speed-up | target |\n|---|---|---|---|---|")
+    for state, label in (("fresh", "fresh"), ("trained", trained)):
+        o, t = res[f"step_{state}"]["ours"], res[f"step_{state}"]["theirs"]
+        print(f"| train step, {label} (ms, median / min) | {o['median'] * 1e3:.1f} / {o['min'] * 1e3:.1f} | "
+              f"{t['median'] * 1e3:.1f} / {t['min'] * 1e3:.1f} | {t['median'] / o['median']:.2f}x / "
+              f"{t['min'] / o['min']:.2f}x | >= 2x |")
+        samples = res[f"sample_{state}"]
+        t = samples["normflows"]
+        for name in ("ours (newton)", "ours (fixed_point)"):
+            o = samples[name]
+            print(f"| sample 512, {label}, {name}, {o['iterations']} iterations "
+                  "(ms, median / min) | "
+                  f"{o['median'] * 1e3:.1f} / {o['min'] * 1e3:.1f} | {t['median'] * 1e3:.1f} / "
+                  f"{t['min'] * 1e3:.1f} | {t['median'] / o['median']:.2f}x / {t['min'] / o['min']:.2f}x | >= 3x |")
+    mem = res["peak_step_mib"]
+    print(f"| peak memory of a train step (MiB, RSS rise) | {mem['ours']:.1f} | {mem['theirs']:.1f} | "
+          f"{mem['theirs'] / mem['ours']:.2f}x | ours <= theirs |")
+    curves = res["curves"]
+    if not curves:
+        return
+    budget = min(curves[k][-1][1] for k in curves)  # equal wall-clock: the faster model's total
+    at = {k: [c for c in curves[k] if c[1] <= budget * 1.0001] for k in curves}
+    nll = {k: (v[-1][2], v[-1][0]) if v else (float("nan"), 0) for k, v in at.items()}
+    print(f"| held-out NLL at equal wall-clock {budget:.0f} s (steps ours / normflows: {nll['ours'][1]} / "
+          f"{nll['theirs'][1]}) | {nll['ours'][0]:.4f} | {nll['theirs'][0]:.4f} | "
+          f"{nll['theirs'][0] - nll['ours'][0]:+.4f} nats | ours <= theirs |")
+    print("\nheld-out NLL curves (step, train seconds, NLL):")
+    for k, curve in curves.items():
+        print(f"  {k}: " + ", ".join(f"({s}, {e:.0f}, {n:.3f})" for s, e, n in curve))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+r"""Image flows: convolutional i-ResNet blocks, squeeze, actnorm, logit preprocessing, multi-scale.
+
+Every transform here is a Pyro ``TransformModule`` on images $(C, H, W)$ (``event_dim = 3``) with
+``cache_size=1``, so ``ComposeTransform`` reuses the values and log-dets of the pass just run.
+:func:`multiscale_iresnet` stacks them Glow-style: per scale a :class:`Squeeze`, ``n_blocks`` pairs
+of :class:`ActNorm` + :func:`conv_iresnet`, then (optionally) half of the channels are factored out
+and the rest go to the next scale.
+
+Bits per dimension. With $K$ intensity levels (sklearn digits: $K = 17$, values $0..16$) the
+dequantised data are $v = x + u$, $u \sim U[0, 1)^D$, and :class:`LogitTransform` maps $v$ to
+$\operatorname{logit}(\alpha + (1 - 2\alpha) v / K)$, including that map's log-det. The model's
+``log_prob(v)`` is therefore a density on the integer scale, and
+
+$$ \mathrm{bpd} = -\frac{\log p(v)}{D \ln 2} \ \ge\ -\frac{\log P(x)}{D \ln 2}
+   \quad\text{(in expectation over } u\text{)}, $$
+
+an upper bound on the discrete model's bits/dim, comparable with $\log_2 K$ (a uniform model).
+Data scaled to $[0, 1]$ first (as for 8-bit images with $K = 256$) would shift it by
+$\log_2 K$; :func:`bits_per_dim` takes the log-density on the integer scale.
+
+References:
+    Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+    Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018),
+    https://arxiv.org/abs/1807.03039
+
+    Density estimation using Real NVP (Dinh et al., 2017), https://arxiv.org/abs/1605.08803
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActNorm",
+    "FactorOut",
+    "LogitTransform",
+    "MultiscaleTransform",
+    "Squeeze",
+    "Unsqueeze",
+    "bits_per_dim",
+    "conv_iresnet",
+    "dequantize",
+    "multiscale_iresnet",
+]
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
+from torch import Tensor, nn
+from torch.distributions import constraints
+
+from .conv import LipschitzCNN, _check_shape
+from .errors import check_positive_int, check_unit_interval
+from .pyro import InvertibleResidual, _split_options
+
+_IMAGE = constraints.independent(constraints.real, 3)
+
+
+def _check_image(name: str, x: Tensor, channels: int | None = None) -> None:
+    if x.dim() < 3 or (channels is not None and x.shape[-3] != channels):
+        expected = f"(..., {channels}, H, W)" if channels is not None else "(..., C, H, W)"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+
+
+def _space_to_depth(x: Tensor) -> Tensor:
+    _check_image("x", x)
+    *batch, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"Squeeze needs an even height and width, got shape {tuple(x.shape)}")
+    x = x.reshape(*batch, c, h // 2, 2, w // 2, 2)
+    x = x.movedim((-5, -3, -1), (-5, -4, -3))  # (..., c, 2, 2, h/2, w/2)
+    return x.reshape(*batch, 4 * c, h // 2, w // 2)
+
+
+def _depth_to_space(y: Tensor) -> Tensor:
+    _check_image("y", y)
+    *batch, c, h, w = y.shape
+    if c % 4:
+        raise ValueError(f"Unsqueeze needs a channel count divisible by 4, got shape {tuple(y.shape)}")
+    y = y.reshape(*batch, c // 4, 2, 2, h, w).movedim((-4, -3), (-3, -1))  # (..., c/4, h, 2, w, 2)
+    return y.reshape(*batch, c // 4, 2 * h, 2 * w)
+
+
+class Squeeze(TransformModule):
+    r"""Space-to-depth $(C, H, W) \to (4C, H/2, W/2)$: each $2\times2$ patch becomes 4 channels
+    (channel $4c + 2i + j$ holds pixel $(2h + i, 2w + j)$ of channel $c$, as in normflows). A
+    permutation: exact inverse, log-det 0.
+
+    Examples:
+        >>> Squeeze()(torch.randn(5, 1, 8, 8)).shape
+        torch.Size([5, 4, 4, 4])
+    """
+
+    domain = _IMAGE
+    codomain = _IMAGE
+    bijective = True
+
+    def __init__(self, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+
+    def _call(self, x: Tensor) -> Tensor:
+        return _space_to_depth(x)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return _depth_to_space(y)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        return x.new_zeros(x.shape[:-3])
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        *batch, c, h, w = shape
+        return torch.Size((*batch, 4 * c, h // 2, w // 2))
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        *batch, c, h, w = shape
+        return torch.Size((*batch, c // 4, 2 * h, 2 * w))
+
+
+class Unsqueeze(Squeeze):
+    r"""Depth-to-space $(4C, H, W) \to (C, 2H, 2W)$, the inverse of :class:`Squeeze`."""
+
+    def _call(self, x: Tensor) -> Tensor:
+        return _depth_to_space(x)
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        return _space_to_depth(y)
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return super().inverse_shape(shape)
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        return super().forward_shape(shape)
+
+
+class ActNorm(TransformModule):
+    r"""Per-channel affine map $y_{c,h,w} = e^{s_c} x_{c,h,w} + b_c$ with data-dependent
+    initialisation, log-det $H W \sum_c s_c$.
+
+    The first call of the explicit map ($x \mapsto y$) sets $s_c = -\log(\mathrm{std}_c + \epsilon)$
+    and $b_c = -\mathrm{mean}_c\, e^{s_c}$ from that batch, so its output has zero mean and unit
+    variance per channel; an inverse call before it uses the identity. Whether the initialisation
+    happened is a buffer, so a loaded checkpoint is not re-initialised.
+
+    Args:
+        num_channels: Channels $C$.
+        eps: Added to the standard deviation at initialisation.
+
+    References:
+        Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018),
+        https://arxiv.org/abs/1807.03039
+
+    Examples:
+        >>> t = ActNorm(3)
+        >>> y = t(torch.randn(64, 3, 4, 4) * 5 + 2)
+        >>> bool(y.mean().abs() < 1e-5)
+        True
+    """
+
+    domain = _IMAGE
+    codomain = _IMAGE
+    bijective = True
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        self.num_channels = check_positive_int("num_channels", num_channels)
+        self.eps = float(eps)
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.log_scale = nn.Parameter(torch.zeros(num_channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._initialized = False  # mirrors the buffer without reading it on the device
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._initialized = bool(self.initialized)
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        per_channel = x.detach().movedim(-3, 0).reshape(self.num_channels, -1)
+        log_scale = -torch.log(per_channel.std(dim=1) + self.eps)
+        self.log_scale.copy_(log_scale)
+        self.bias.copy_(-per_channel.mean(dim=1) * log_scale.exp())
+        self.initialized.fill_(True)
+        self._initialized = True
+
+    def _affine(self) -> tuple[Tensor, Tensor]:
+        return self.log_scale[:, None, None], self.bias[:, None, None]
+
+    def _call(self, x: Tensor) -> Tensor:
+        _check_image("x", x, self.num_channels)
+        if not self._initialized:
+            self._initialize(x)
+        log_scale, bias = self._affine()
+        return x * log_scale.exp() + bias
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        _check_image("y", y, self.num_channels)
+        log_scale, bias = self._affine()
+        return (y - bias) * torch.exp(-log_scale)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        return x.new_zeros(x.shape[:-3]) + height * width * self.log_scale.sum()
+
+    def extra_repr(self) -> str:
+        return f"num_channels={self.num_channels}"
+
+
+class LogitTransform(TransformModule):
+    r"""Logit preprocessing of dequantised data $v \in (0, K)^{C\times H\times W}$:
+
+    $$ y = \operatorname{logit}(p), \quad p = \alpha + (1 - 2\alpha)\, v / K, \qquad
+       \log\Big|\det\frac{\partial y}{\partial v}\Big| = \sum_i \big[\log(1 - 2\alpha) - \log K
+       - \log p_i - \log(1 - p_i)\big]. $$
+
+    With it in front of a flow, ``log_prob(v)`` is a density on the integer scale, so
+    :func:`bits_per_dim` needs no further correction (see the module docstring).
+
+    Args:
+        levels: Number of intensity levels $K$ (17 for sklearn digits, 256 for 8-bit images).
+        alpha: Margin $\alpha \in (0, 1/2)$ keeping $p$ away from 0 and 1.
+
+    Examples:
+        >>> t = LogitTransform(levels=17)
+        >>> v = dequantize(torch.randint(0, 17, (4, 1, 8, 8)).double())
+        >>> torch.allclose(t.inv(t(v)), v)
+        True
+    """
+
+    codomain = _IMAGE
+    bijective = True
+
+    def __init__(self, levels: int, alpha: float = 0.05, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        self.levels = check_positive_int("levels", levels, minimum=2)
+        if not 0.0 < alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
+        self.alpha = float(alpha)
+        self.domain = constraints.independent(constraints.interval(0.0, float(levels)), 3)
+
+    def _p(self, v: Tensor) -> Tensor:
+        return self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels
+
+    def _call(self, x: Tensor) -> Tensor:
+        _check_image("x", x)
+        return torch.logit(self._p(x))
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        _check_image("y", y)
+        return (torch.sigmoid(y) - self.alpha) * self.levels / (1.0 - 2.0 * self.alpha)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        p = self._p(x)
+        const = math.log(1.0 - 2.0 * self.alpha) - math.log(self.levels)
+        return (const - torch.log(p) - torch.log1p(-p)).flatten(-3).sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, alpha={self.alpha}"
+
+
+def dequantize(x: Tensor) -> Tensor:
+    r"""Uniform dequantisation $v = x + u$, $u \sim U[0, 1)$ (torch's RNG), of integer-valued data
+    $x \in \{0, \dots, K - 1\}$; $v \in [0, K)$ is the input of :class:`LogitTransform`."""
+    if not x.is_floating_point():
+        raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+    return x + torch.rand_like(x)
+
+
+def bits_per_dim(log_prob: Tensor, num_dims: int) -> Tensor:
+    r"""$-\log p / (D \ln 2)$ for log-densities on the integer intensity scale (see the module
+    docstring), elementwise."""
+    return -log_prob / (check_positive_int("num_dims", num_dims) * math.log(2.0))
+
+
+class FactorOut(TransformModule):
+    r"""Multi-scale factor-out: $y = (f(x_{1:k}), x_{k+1:C})$ along channels.
+
+    The first ``keep_channels`` channels go through ``inner`` (which must keep their shape, e.g. a
+    scale ending in :class:`Unsqueeze`); the others leave the flow here and are latent variables
+    at this resolution. Log-det: that of ``inner``, served from a cache for the pair just produced.
+
+    Args:
+        inner: Shape-preserving image transform on ``(keep_channels, H, W)``.
+        keep_channels: Channels $k$ passed on.
+    """
+
+    domain = _IMAGE
+    codomain = _IMAGE
+    bijective = True
+
+    def __init__(self, inner: TransformModule, keep_channels: int, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        if not isinstance(inner, nn.Module):
+            raise TypeError(f"inner must be a TransformModule, got {type(inner).__name__}")
+        self.inner = inner
+        self.keep_channels = check_positive_int("keep_channels", keep_channels)
+        self._cached_logdet: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _split(self, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        if x.dim() < 3 or x.shape[-3] <= self.keep_channels:
+            raise ValueError(
+                f"{name} must have more than keep_channels={self.keep_channels} channels, "
+                f"got shape {tuple(x.shape)}"
+            )
+        return x[..., : self.keep_channels, :, :], x[..., self.keep_channels :, :, :]
+
+    def _call(self, x: Tensor) -> Tensor:
+        x1, x2 = self._split(x, "x")
+        y1 = self.inner(x1)
+        y = torch.cat([y1, x2], dim=-3)
+        self._cached_logdet = (x, y, self.inner.log_abs_det_jacobian(x1, y1))
+        return y
+
+    def _inverse(self, y: Tensor) -> Tensor:
+        y1, y2 = self._split(y, "y")
+        return torch.cat([self.inner.inv(y1), y2], dim=-3)
+
+    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        cached = self._cached_logdet
+        if cached is not None and cached[0] is x and cached[1] is y:
+            return cached[2]
+        x1, _ = self._split(x, "x")
+        y1, _ = self._split(y, "y")
+        return self.inner.log_abs_det_jacobian(x1, y1)
+
+    def extra_repr(self) -> str:
+        return f"keep_channels={self.keep_channels}"
+
+
+def conv_iresnet(
+    input_shape: Sequence[int],
+    hidden_channels: int | Sequence[int] = 32,
+    kernel_sizes: Sequence[int] = (3, 1, 3),
+    **options: Any,
+) -> InvertibleResidual:
+    r"""An :class:`~pyro_iresnet.InvertibleResidual` on images (``event_dim=3``) whose residual net
+    is a :class:`~pyro_iresnet.LipschitzCNN` ``C -> hidden -> ... -> C``.
+
+    Args:
+        input_shape: $(C, H, W)$; the block maps it to itself.
+        hidden_channels: Width of every hidden layer, or one width per hidden layer
+            (``len(kernel_sizes) - 1`` entries).
+        kernel_sizes: Odd kernel size of each convolution (i-ResNet uses ``(3, 1, 3)``).
+        **options: ``coeff`` (default 0.97), ``activation``, ``n_power_iterations`` for the net;
+            everything else goes to :class:`~pyro_iresnet.ResidualBlock` (``logdet``, ``n_terms``,
+            ``atol``, ``inverse_method``, ...).
+
+    Examples:
+        >>> t = conv_iresnet((2, 4, 4), hidden_channels=8, logdet="exact")
+        >>> t(torch.randn(3, 2, 4, 4)).shape
+        torch.Size([3, 2, 4, 4])
+    """
+    input_shape = _check_shape("input_shape", input_shape)
+    kernel_sizes = list(kernel_sizes)
+    n_hidden = len(kernel_sizes) - 1
+    if isinstance(hidden_channels, int):
+        hidden = [hidden_channels] * n_hidden
+    else:
+        hidden = list(hidden_channels)
+        if len(hidden) != n_hidden:
+            raise ValueError(
+                f"hidden_channels must have len(kernel_sizes) - 1 = {n_hidden} entries, got {hidden}"
+            )
+    if "event_dim" in options:
+        raise ValueError(f"conv_iresnet sets event_dim=3; got event_dim={options['event_dim']}")
+    net_options, block_options = _split_options(dict(options))
+    channels = [input_shape[0], *hidden, input_shape[0]]
+    net = LipschitzCNN(channels, kernel_sizes, input_shape, **net_options)
+    return InvertibleResidual(net, event_dim=3, **block_options)
+
+
+class MultiscaleTransform(TransformModule):
+    r"""A flow from latents $z$ to data $x$ (both of the data's shape) whose inverse is explicit.
+
+    ``encoder`` maps data to latents with explicit maps only (residual blocks, actnorm, squeezes,
+    logit); this transform is its inverse, so in ``TransformedDistribution(base, [t])``
+    ``log_prob(x)`` runs only the explicit maps and their log-dets, and ``sample`` runs the
+    fixed-point inverses (with implicit gradients).
+
+    Args:
+        encoder: Image transform from data to latents of the same shape.
+    """
+
+    bijective = True
+
+    def __init__(self, encoder: TransformModule, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        self.encoder = encoder
+        self.domain = encoder.codomain
+        self.codomain = encoder.domain
+
+    def _call(self, z: Tensor) -> Tensor:
+        return self.encoder.inv(z)
+
+    def _inverse(self, x: Tensor) -> Tensor:
+        return self.encoder(x)
+
+    def log_abs_det_jacobian(self, z: Tensor, x: Tensor) -> Tensor:
+        return -self.encoder.log_abs_det_jacobian(x, z)
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return self.encoder.inverse_shape(shape)
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        return self.encoder.forward_shape(shape)
+
+
+def _scale(
+    shape: tuple[int, int, int], scales_left: int, n_blocks: int, factor_out: bool, actnorm: bool,
+    block_kwargs: dict[str, Any],
+) -> ComposeTransformModule:
+    """Squeeze, blocks, the next scale (factored out or not), unsqueeze: shape-preserving."""
+    c, h, w = shape
+    if h % 2 or w % 2:
+        raise ValueError(f"multiscale_iresnet squeezes (C, H, W) = {shape}: H and W must be even")
+    inner = (4 * c, h // 2, w // 2)
+    parts: list[TransformModule] = [Squeeze()]
+    for _ in range(n_blocks):
+        if actnorm:
+            parts.append(ActNorm(inner[0]))
+        parts.append(conv_iresnet(inner, **block_kwargs))
+    if scales_left > 1:
+        if factor_out:
+            keep = inner[0] // 2
+            nested = _scale((keep, *inner[1:]), scales_left - 1, n_blocks, factor_out, actnorm, block_kwargs)
+            parts.append(FactorOut(nested, keep))
+        else:
+            parts.append(_scale(inner, scales_left - 1, n_blocks, factor_out, actnorm, block_kwargs))
+    parts.append(Unsqueeze())
+    return ComposeTransformModule(parts, cache_size=1)
+
+
+def multiscale_iresnet(
+    input_shape: Sequence[int],
+    n_scales: int = 2,
+    n_blocks: int = 2,
+    hidden_channels: int | Sequence[int] = 32,
+    kernel_sizes: Sequence[int] = (3, 1, 3),
+    factor_out: bool = True,
+    actnorm: bool = True,
+    levels: int | None = None,
+    alpha: float = 0.05,
+    **options: Any,
+) -> MultiscaleTransform:
+    r"""Multi-scale convolutional i-ResNet flow, ready for ``TransformedDistribution``.
+
+    Per scale: :class:`Squeeze`, ``n_blocks`` times (:class:`ActNorm`, :func:`conv_iresnet`); between
+    scales half of the channels are factored out (``factor_out=True``) and the rest squeezed again.
+    Each scale ends in :class:`Unsqueeze`, so the latent has the data's shape and a standard normal
+    base over ``input_shape`` fits. With ``levels`` a :class:`LogitTransform` comes first and the
+    model's density is over dequantised integer data (see :func:`bits_per_dim`).
+
+    Args:
+        input_shape: $(C, H, W)$, with $H$ and $W$ divisible by $2^{n_\text{scales}}$.
+        n_scales: Number of resolutions.
+        n_blocks: Residual blocks per scale.
+        hidden_channels: Hidden width(s) of each block's :class:`~pyro_iresnet.LipschitzCNN`.
+        kernel_sizes: Kernel sizes of each block's net.
+        factor_out: Factor out half of the channels between scales.
+        actnorm: Put an :class:`ActNorm` before every block.
+        levels: Intensity levels $K$ of the data, or ``None`` for no logit preprocessing.
+        alpha: Logit margin of :class:`LogitTransform`.
+        **options: Options of :func:`conv_iresnet` (``coeff``, ``logdet``, ``n_terms``, ...).
+
+    Returns:
+        A transform from latents to data; its ``encoder`` maps data to latents explicitly.
+
+    Examples:
+        >>> import pyro.distributions as dist
+        >>> flow_t = multiscale_iresnet((1, 8, 8), hidden_channels=8, levels=17)
+        >>> base = dist.Normal(torch.zeros(1, 8, 8), 1.0).to_event(3)
+        >>> flow = dist.TransformedDistribution(base, [flow_t])
+        >>> flow.log_prob(dequantize(torch.randint(0, 17, (5, 1, 8, 8)).float())).shape
+        torch.Size([5])
+    """
+    shape = _check_shape("input_shape", input_shape)
+    check_positive_int("n_scales", n_scales)
+    check_positive_int("n_blocks", n_blocks)
+    factor = 2**n_scales
+    if shape[1] % factor or shape[2] % factor:
+        raise ValueError(
+            f"input_shape {shape}: H and W must be divisible by 2**n_scales = {factor} (n_scales={n_scales})"
+        )
+    if "coeff" in options:
+        check_unit_interval("coeff", options["coeff"])
+    block_kwargs = dict(options, hidden_channels=hidden_channels, kernel_sizes=kernel_sizes)
+    parts: list[TransformModule] = []
+    if levels is not None:
+        parts.append(LogitTransform(levels, alpha))
+    parts.append(_scale(shape, n_scales, n_blocks, factor_out, actnorm, block_kwargs))
+    return MultiscaleTransform(ComposeTransformModule(parts, cache_size=1))

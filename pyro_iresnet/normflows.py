@@ -1,0 +1,403 @@
+r"""normflows adapter: ``Residual``, a drop-in replacement for ``normflows.flows.Residual``.
+
+Switching is a one-line import change::
+
+    from pyro_iresnet.normflows import Residual   # instead of: from normflows.flows import Residual
+
+Every constructor argument of ``normflows.flows.Residual`` keeps its meaning; the core's options
+(``logdet``, ``atol``, ``inverse_method``, ...) pass through and override. Importing this module
+also teaches :func:`~pyro_iresnet.lipschitz_bound` to certify normflows' Lipschitz nets
+(``InducedNormLinear``, ``InducedNormConv2d``, ``Swish``, ``LipschitzMLP``, ``LipschitzCNN``).
+This is the only module of the package that imports normflows.
+
+References:
+    Residual Flows for Invertible Generative Modeling (Chen et al., 2019),
+    https://arxiv.org/abs/1906.02735
+
+    normflows: A PyTorch Package for Normalizing Flows (Stimper et al., 2023),
+    https://arxiv.org/abs/2302.12014
+"""
+
+from __future__ import annotations
+
+__all__ = ["Residual"]
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from types import MethodType
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from normflows.flows import Flow
+from normflows.nets.lipschitz import InducedNormConv2d, InducedNormLinear, LipschitzCNN, LipschitzMLP, Swish
+from torch import Tensor, nn
+
+from .block import ResidualBlock
+from .errors import check_probability
+from .lipschitz import lipschitz_bound, register_lipschitz_rule
+
+_INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
+_DENSE_OPERATOR_MAX_ENTRIES = 2**22
+_POWER_ITERATION_MAX = 20_000
+_POWER_ITERATION_RTOL = 1e-9
+
+
+def _event_dim(net: nn.Module) -> int:
+    """Event dimensions of ``net``'s input: from ``event_shape``, else 3 for 2-d convolutions
+    (``kernel_size`` of length 2), else 1."""
+    shape = getattr(net, "event_shape", None)
+    if shape is not None:
+        return len(shape)
+    for module in net.modules():
+        kernel_size = getattr(module, "kernel_size", None)
+        if isinstance(kernel_size, tuple):
+            return len(kernel_size) + 1
+    return 1
+
+
+def _block_options(
+    reduce_memory: bool,
+    geom_p: float,
+    lamb: float,
+    n_power_series: int | None,
+    exact_trace: bool,
+    brute_force: bool,
+    n_samples: int,
+    n_exact_terms: int,
+    n_dist: str,
+) -> dict[str, Any]:
+    """normflows' arguments as :class:`~pyro_iresnet.ResidualBlock` options."""
+    if brute_force:
+        logdet = "exact"
+    elif n_power_series is not None:
+        logdet = "series"
+    else:
+        logdet = "unbiased"
+    options: dict[str, Any] = dict(
+        logdet=logdet, n_exact_terms=n_exact_terms, roulette=n_dist, p=geom_p, lam=lamb,
+        n_roulette_draws=n_samples, exact_trace=exact_trace,
+        neumann_grad=reduce_memory, memory_efficient=reduce_memory,
+    )
+    if n_power_series is not None:
+        options["n_terms"] = n_power_series
+    return options
+
+
+def _normalized_weight(layer: InducedNormLinear | InducedNormConv2d, spatial: tuple[int, int]) -> Tensor:
+    r"""The weight the layer applies, $W / \max(1, \tilde\sigma / c)$ with $\tilde\sigma = u^\top W v$,
+    as normflows' ``compute_weight(update=False)`` but without writing the ``scale`` buffer."""
+    weight = layer.weight
+    if isinstance(layer, InducedNormLinear) or layer.kernel_size == (1, 1):
+        sigma = torch.dot(layer.u, torch.mv(weight.reshape(weight.shape[0], -1), layer.v))
+    else:
+        v = layer.v.reshape(1, layer.in_channels, *spatial)
+        wv = F.conv2d(v, weight, stride=layer.stride, padding=layer.padding)
+        sigma = torch.dot(layer.u, wv.reshape(-1))
+    return weight / torch.clamp(sigma / layer.coeff, min=1.0)
+
+
+def _pure_forward(
+    layer: InducedNormLinear | InducedNormConv2d, x: Tensor, spatial: tuple[int, int] = (1, 1)
+) -> Tensor:
+    weight = _normalized_weight(layer, spatial)
+    if isinstance(layer, InducedNormLinear):
+        return F.linear(x, weight, layer.bias)
+    return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
+
+
+@contextmanager
+def _pure_forwards(layers: list[nn.Module]) -> Iterator[None]:
+    """Within the context, normflows' induced-norm layers compute the same output without
+    writing their ``scale`` buffer, so that ``torch.func`` transforms (the exact log-det's
+    batched Jacobian) can run them; a conv's input size is read once per call, not per
+    evaluation."""
+    for layer in layers:
+        spatial = (1, 1)
+        if isinstance(layer, InducedNormConv2d):
+            spatial = tuple(int(s) for s in layer.spatial_dims.tolist())
+        layer.forward = MethodType(partial(_pure_forward, spatial=spatial), layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+class Residual(Flow):
+    r"""Invertible residual layer $f(x) = x + g(x)$ for ``normflows``, over
+    :class:`~pyro_iresnet.ResidualBlock`.
+
+    With ``reverse=True`` (the default, as in normflows) the explicit map $f$ runs in
+    :meth:`inverse` (the density direction: ``log_prob``, ``forward_kld``) and the fixed-point
+    solve of $f^{-1}$ in :meth:`forward` (sampling); ``reverse=False`` swaps them. Both return
+    ``(z', log_det)`` with ``log_det`` $= \log|\det \partial z'/\partial z|$ of shape ``(batch,)``:
+
+    $$ \log|\det J_f(x)| = \log\det(I + J_g(x)), \qquad
+       \log|\det J_{f^{-1}}(y)| = -\log\det(I + J_g(f^{-1}(y))). $$
+
+    Argument mapping to the core (``**options`` override it): ``brute_force`` → ``logdet="exact"``
+    (any dimension); else ``n_power_series`` not ``None`` → ``logdet="series"`` with
+    ``n_terms=n_power_series``; else ``logdet="unbiased"``. ``n_dist`` → ``roulette``, ``geom_p`` →
+    ``p``, ``lamb`` → ``lam``, ``n_samples`` → ``n_roulette_draws``, ``n_exact_terms`` and
+    ``exact_trace`` unchanged, ``reduce_memory`` → ``neumann_grad`` and ``memory_efficient``.
+
+    Differences from normflows, all deliberate: the returned log-det is always an estimate of the
+    log-det (normflows returns a gradient surrogate with ``reduce_memory=True``); memory-efficient
+    gradients are right for per-sample weighted losses; the inverse stops on the residual
+    (default 1e-6 in float32) and warns with :class:`~pyro_iresnet.ConvergenceWarning` when it
+    cannot reach it; the sampling direction is differentiated implicitly (no recorded iterations,
+    works with frozen parameters); roulette draws come from torch's RNG; ``geom_p``/``lamb`` are
+    plain attributes. In ``eval()`` normflows uses an unbiased estimate with 20 exact terms (exact
+    only for 2-d inputs); this layer uses the core's ``eval_logdet`` (default ``"auto"``: exact up
+    to ``exact_max_dim=64`` event entries, else the training estimator).
+
+    With normflows' own nets (``normflows.nets.LipschitzMLP``/``LipschitzCNN``) the layer keeps
+    their power iteration fresh in training mode: ``compute_weight(update=True)`` on each
+    ``InducedNormLinear``/``InducedNormConv2d`` before the block runs, once per change of the
+    weights (so a forward and an inverse between two optimiser steps see one operator).
+    ``normflows.utils.update_lipschitz`` is no longer needed, and calling it stays harmless.
+
+    Args:
+        net: The residual function $g$ with $\mathrm{Lip}(g) < 1$: a
+            :class:`~pyro_iresnet.LipschitzMLP`, a normflows ``LipschitzMLP``/``LipschitzCNN``, or
+            any module mapping ``(batch, *event)`` to the same shape.
+        reverse: Put the explicit map on the density (inverse) direction.
+        reduce_memory: Neumann-series gradient and backward-in-forward (memory flat in the number
+            of series terms).
+        geom_p: Success probability of the geometric roulette.
+        lamb: Rate of the Poisson roulette.
+        n_power_series: Number of series terms for a truncated (biased) estimate, or ``None``
+            for the unbiased Russian-roulette estimate.
+        exact_trace: Series traces from the full Jacobian instead of Hutchinson probes.
+        brute_force: Exact log-det (full Jacobian and ``slogdet``).
+        n_samples: Roulette draws averaged per call.
+        n_exact_terms: Series terms always computed by the roulette estimator.
+        n_dist: ``"geometric"`` or ``"poisson"``.
+        **options: :class:`~pyro_iresnet.ResidualBlock` options (``logdet``, ``eval_logdet``,
+            ``atol``, ``rtol``, ``max_iter``, ``inverse_method``, ``n_probes``, ``event_dim``, ...);
+            they take precedence over the mapped arguments. ``event_dim`` defaults to
+            ``len(net.event_shape)``, else 3 for 2-d convolutional nets, else 1.
+
+    Examples:
+        >>> import normflows as nf
+        >>> from pyro_iresnet import LipschitzMLP
+        >>> flows = [Residual(LipschitzMLP([2, 32, 2], coeff=0.9)), nf.flows.ActNorm(2)]
+        >>> model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2), flows)
+        >>> model.log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        reverse: bool = True,
+        reduce_memory: bool = True,
+        geom_p: float = 0.5,
+        lamb: float = 2.0,
+        n_power_series: int | None = None,
+        exact_trace: bool = False,
+        brute_force: bool = False,
+        n_samples: int = 1,
+        n_exact_terms: int = 2,
+        n_dist: str = "geometric",
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        block_options = dict(event_dim=_event_dim(net))
+        block_options.update(_block_options(
+            reduce_memory, geom_p, lamb, n_power_series, exact_trace, brute_force,
+            n_samples, n_exact_terms, n_dist,
+        ))
+        block_options.update(options)
+        self.reverse = bool(reverse)
+        self.block = ResidualBlock(net, **block_options)
+        self._induced_norm_layers = [m for m in net.modules() if isinstance(m, _INDUCED_NORM_LAYERS)]
+        self._refreshed_for: list[tuple[int, int] | None] = [None] * len(self._induced_norm_layers)
+        self._convs_initialized = not any(isinstance(m, InducedNormConv2d) for m in self._induced_norm_layers)
+
+    @property
+    def geom_p(self) -> float:
+        """Success probability of the geometric roulette (a plain float, never trained)."""
+        return self.block.p
+
+    @geom_p.setter
+    def geom_p(self, value: float) -> None:
+        self.block.p = check_probability("geom_p", value)
+
+    @property
+    def lamb(self) -> float:
+        """Rate of the Poisson roulette (a plain float, never trained)."""
+        return self.block.lam
+
+    @lamb.setter
+    def lamb(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"lamb must be a float > 0, got {value!r}")
+        self.block.lam = float(value)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Sampling direction: $f^{-1}$ (fixed point) if ``reverse`` else $f$; returns
+        ``(z', log_det)`` with ``log_det`` of shape ``(batch,)``.
+
+        Warns:
+            ConvergenceWarning: The fixed point did not reach its tolerance in ``max_iter``.
+        """
+        return self._solve(z) if self.reverse else self._explicit(z)
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Density direction: $f$ if ``reverse`` else $f^{-1}$; returns ``(z', log_det)``.
+
+        Warns:
+            ConvergenceWarning: The fixed point did not reach its tolerance in ``max_iter``.
+        """
+        return self._explicit(z) if self.reverse else self._solve(z)
+
+    def _explicit(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._prepare(x)
+        with _pure_forwards(self._induced_norm_layers):
+            return self.block.forward_and_logdet(x)
+
+    def _solve(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        self._prepare(y)
+        with _pure_forwards(self._induced_norm_layers):
+            x, logdet = self.block.inverse_and_logdet(y)
+        return x, -logdet
+
+    def _prepare(self, z: Tensor) -> None:
+        """Check the ``(batch, *event)`` layout and keep normflows' power iteration fresh."""
+        if not isinstance(z, Tensor):
+            raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.dim() != self.block.event_dim + 1:
+            raise ValueError(
+                f"z must have shape (batch, *event) with {self.block.event_dim} event dimension(s), "
+                f"got {tuple(z.shape)}"
+            )
+        if not self._convs_initialized:  # their convs learn the input size on the first forward
+            with torch.no_grad():
+                self.block.net(z[:1])
+            self._convs_initialized = True
+        if self.training:
+            self._refresh_induced_norms()
+
+    @torch.no_grad()
+    def _refresh_induced_norms(self) -> None:
+        for i, layer in enumerate(self._induced_norm_layers):
+            version = (layer.weight.data_ptr(), layer.weight._version)
+            if version != self._refreshed_for[i]:
+                layer.compute_weight(update=True)
+                self._refreshed_for[i] = version
+
+    def extra_repr(self) -> str:
+        return f"reverse={self.reverse}"
+
+
+# -- lipschitz_bound rules for normflows' nets ------------------------------------------------
+def _induced_norm_linear_bound(layer: InducedNormLinear) -> float:
+    """Exact spectral norm of the weight the layer applies."""
+    with torch.no_grad():
+        weight = layer.compute_weight(update=False)
+        return float(torch.linalg.matrix_norm(weight.double(), ord=2))
+
+
+def _conv_operator_norm(weight: Tensor, shape: tuple[int, int, int], stride: tuple, padding: tuple) -> float:
+    r"""$\|W\|_2$ of the convolution operator on inputs of ``shape`` ``(c, h, w)``: the dense
+    operator's spectral norm when small, else power iteration on $A^\top A$ (``conv2d`` and its exact
+    adjoint) run to convergence."""
+    weight = weight.double()
+
+    def conv(x: Tensor) -> Tensor:
+        return F.conv2d(x, weight, stride=stride, padding=padding)
+
+    n_in = shape[0] * shape[1] * shape[2]
+    n_out = conv(weight.new_zeros(1, *shape)).numel()
+    if n_in * n_out <= _DENSE_OPERATOR_MAX_ENTRIES:
+        basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).reshape(n_in, *shape)
+        return float(torch.linalg.matrix_norm(conv(basis).reshape(n_in, n_out), ord=2))
+    generator = torch.Generator().manual_seed(0)  # leaves the user's RNG stream alone
+    v = torch.randn(1, *shape, dtype=weight.dtype, generator=generator).to(weight.device)
+    sigma = 0.0
+    for _ in range(_POWER_ITERATION_MAX):
+        u, adjoint = torch.func.vjp(conv, v / v.norm())
+        (v,) = adjoint(u)  # A^T A v, exactly (any stride and padding)
+        previous, sigma = sigma, float(v.norm().sqrt())
+        if abs(sigma - previous) <= _POWER_ITERATION_RTOL * sigma:
+            break
+    return sigma
+
+
+def _induced_norm_conv_bound(layer: InducedNormConv2d) -> float:
+    """Exact operator norm of the convolution the layer applies, at its input size."""
+    with torch.no_grad():
+        if layer.kernel_size == (1, 1):
+            weight = layer.compute_weight(update=False).reshape(layer.out_channels, layer.in_channels)
+            return float(torch.linalg.matrix_norm(weight.double(), ord=2))
+        if not bool(layer.initialized):
+            raise ValueError(
+                "lipschitz_bound needs the input size of this InducedNormConv2d: run one forward "
+                "pass of the model first"
+            )
+        height, width = (int(s) for s in layer.spatial_dims.tolist())
+        weight = layer.compute_weight(update=False)
+        return _conv_operator_norm(weight, (layer.in_channels, height, width), layer.stride, layer.padding)
+
+
+register_lipschitz_rule(InducedNormLinear, _induced_norm_linear_bound)
+register_lipschitz_rule(InducedNormConv2d, _induced_norm_conv_bound)
+register_lipschitz_rule(Swish, lambda m: 1.0)  # sup |d/dx x sigmoid(b x)| / 1.1 < 1.0999 / 1.1
+register_lipschitz_rule(LipschitzMLP, lambda m: lipschitz_bound(m.net))
+register_lipschitz_rule(LipschitzCNN, lambda m: lipschitz_bound(m.net))
+
+
+# -- multi-scale image flows (images issue) ----------------------------------------------------
+class _TransformFlow(Flow):
+    """A normflows ``Flow`` over an image transform whose explicit direction is data -> latent:
+    ``inverse(x)`` runs it, ``forward(z)`` runs its inverse; log-dets with normflows' signs."""
+
+    def __init__(self, transform: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.transform.inv(z)
+        return x, -self.transform.log_abs_det_jacobian(x, z)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.transform(x)
+        return z, self.transform.log_abs_det_jacobian(x, z)
+
+
+def multiscale_normalizing_flow(input_shape: tuple[int, int, int], **options: Any) -> nn.Module:
+    r"""The model of :func:`~pyro_iresnet.multiscale_iresnet` as a ``normflows.NormalizingFlow``.
+
+    Same layers, same options and the same density: a fixed standard normal base over
+    ``input_shape`` and the data-to-latent stages (logit preprocessing, then the scales) as flows,
+    so ``log_prob(x)`` / ``forward_kld(x)`` run only the explicit maps and ``sample`` runs the
+    fixed-point inverses.
+
+    Args:
+        input_shape: $(C, H, W)$ of the data.
+        **options: Arguments of :func:`~pyro_iresnet.multiscale_iresnet`.
+
+    Returns:
+        A ``normflows.NormalizingFlow``.
+
+    Examples:
+        >>> model = multiscale_normalizing_flow((1, 8, 8), hidden_channels=8, levels=17)
+        >>> model.log_prob(17 * torch.rand(5, 1, 8, 8)).shape
+        torch.Size([5])
+    """
+    from normflows import NormalizingFlow
+    from normflows.distributions import DiagGaussian
+
+    from .images import multiscale_iresnet
+
+    encoder = multiscale_iresnet(input_shape, **options).encoder
+    flows = [_TransformFlow(part) for part in reversed(encoder.parts)]
+    return NormalizingFlow(DiagGaussian(tuple(input_shape), trainable=False), flows)
+
+
+__all__ += ["multiscale_normalizing_flow"]

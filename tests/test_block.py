@@ -1,0 +1,144 @@
+"""ResidualBlock: shapes, state, input validation, diagnostics (registry of block factories)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyro_iresnet import LipschitzMLP, ResidualBlock
+from pyro_iresnet.pyro import ConcatContextNet
+from tests.conftest import make_active_mlp
+
+DTYPE = torch.float64
+
+FACTORIES = {
+    "exact": lambda: ResidualBlock(make_active_mlp([3, 16, 3], 0.9), logdet="exact"),
+    "series-generic": lambda: ResidualBlock(make_active_mlp([3, 16, 3], 0.9), logdet="series", fused=False),
+    "unbiased-poisson": lambda: ResidualBlock(make_active_mlp([3, 16, 3], 0.9), roulette="poisson"),
+    "unbiased-memory-efficient": lambda: ResidualBlock(make_active_mlp([3, 16, 3], 0.9), memory_efficient=True),
+    "elu-anderson": lambda: ResidualBlock(make_active_mlp([3, 16, 3], 0.9, activation="elu"),
+                                          inverse_method="anderson"),
+}
+
+
+@pytest.fixture(params=list(FACTORIES), ids=list(FACTORIES))
+def block(request: pytest.FixtureRequest) -> ResidualBlock:
+    return FACTORIES[request.param]()
+
+
+@pytest.mark.parametrize("batch_shape", [(), (5,), (2, 3)])
+def test_shapes_and_round_trip(block: ResidualBlock, batch_shape: tuple[int, ...]) -> None:
+    x = torch.randn(*batch_shape, 3, dtype=DTYPE)
+    y, logdet = block.forward_and_logdet(x)
+    assert y.shape == x.shape and logdet.shape == batch_shape
+    assert torch.allclose(block(x), y)
+    assert (block.inverse(y) - x).abs().max() <= 1e-10
+    x_back, logdet_back = block.inverse_and_logdet(y)
+    assert x_back.shape == x.shape and logdet_back.shape == batch_shape
+
+
+def test_gradients_reach_every_parameter(block: ResidualBlock) -> None:
+    x = torch.randn(4, 3, dtype=DTYPE, requires_grad=True)
+    y, logdet = block.forward_and_logdet(x)
+    (y.pow(2).sum() + logdet.sum() + block.inverse(y.detach()).sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, param in block.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_input_is_not_mutated(block: ResidualBlock) -> None:
+    x = torch.randn(4, 3, dtype=DTYPE)
+    copy = x.clone()
+    block.forward_and_logdet(x)
+    block.inverse(x)
+    assert torch.equal(x, copy) and not x.requires_grad
+
+
+def test_state_dict_into_fresh_block_reproduces_outputs() -> None:
+    block = ResidualBlock(make_active_mlp([3, 16, 16, 3], 0.9), logdet="exact")
+    optimizer = torch.optim.Adam(block.parameters(), lr=0.05)
+    for _ in range(5):
+        optimizer.zero_grad()
+        block.logdet(torch.randn(8, 3, dtype=DTYPE)).sum().backward()
+        optimizer.step()
+    fresh = ResidualBlock(LipschitzMLP([3, 16, 16, 3], coeff=0.9).to(DTYPE), logdet="exact")
+    fresh.load_state_dict(block.state_dict())  # no dummy forward
+    x = torch.randn(6, 3, dtype=DTYPE)
+    for mode in ("eval", "train"):
+        getattr(block, mode)(), getattr(fresh, mode)()
+        expected, got = block.forward_and_logdet(x), fresh.forward_and_logdet(x)
+        assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+        assert torch.equal(block.inverse(x), fresh.inverse(x))
+
+
+def test_train_and_eval_agree_in_exact_mode() -> None:
+    block = ResidualBlock(make_active_mlp([3, 16, 3], 0.9), logdet="exact")
+    x = torch.randn(5, 3, dtype=DTYPE)
+    block.train().forward_and_logdet(x)  # refresh once after the weight change
+    train = block.forward_and_logdet(x)
+    evaluated = block.eval().forward_and_logdet(x)
+    assert torch.equal(train[0], evaluated[0]) and torch.allclose(train[1], evaluated[1], atol=1e-12)
+
+
+def test_diagnostics() -> None:
+    block = ResidualBlock(make_active_mlp([3, 16, 3], 0.9), logdet="series", n_terms=7)
+    block.forward_and_logdet(torch.randn(2, 3, dtype=DTYPE))
+    assert block.last_diagnostics.logdet_method == "series" and block.last_diagnostics.n_terms == 7
+    block.inverse(torch.randn(2, 3, dtype=DTYPE))
+    info = block.last_diagnostics.inverse
+    assert info.converged and info.iterations > 1 and info.residual.shape == (2,)
+
+
+def test_context_broadcasts_and_round_trips() -> None:
+    net = ConcatContextNet(make_active_mlp([5, 16, 3], 0.9), context_dim=2)
+    block = ResidualBlock(net, logdet="exact")
+    x, context = torch.randn(4, 1, 3, dtype=DTYPE), torch.randn(6, 2, dtype=DTYPE, requires_grad=True)
+    y, logdet = block.forward_and_logdet(x, context)
+    assert y.shape == (4, 6, 3) and logdet.shape == (4, 6)
+    x_back = block.inverse(y, context)
+    assert (x_back - x).abs().max() <= 1e-10
+    x_back.sum().backward()
+    assert context.grad is not None and torch.isfinite(context.grad).all()
+
+
+@pytest.mark.parametrize(
+    "make_input, error, match",
+    [
+        (lambda: torch.randn(4, 2, dtype=DTYPE), ValueError, r"x must have shape \(\.\.\., 3\), got \(4, 2\)"),
+        (lambda: torch.randn(4, 3), TypeError, "x has dtype torch.float32 but the block's parameters are"),
+        (lambda: torch.ones(4, 3, dtype=torch.int64), TypeError, "x must have a floating dtype"),
+        (lambda: torch.tensor([[0.0, float("nan"), 1.0]], dtype=DTYPE), ValueError,
+         "x must be finite, got 1 NaN and 0 Inf"),
+        (lambda: [[0.0, 1.0, 2.0]], TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(make_input, error: type, match: str) -> None:
+    block = ResidualBlock(make_active_mlp([3, 16, 3], 0.9))
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    with pytest.raises(error, match=match):
+        block.forward_and_logdet(make_input())
+    assert all(torch.equal(v, block.state_dict()[k]) for k, v in state.items())  # state untouched
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(logdet="hutchinson"), "logdet must be one of"),
+        (dict(n_terms=0), "n_terms must be >= 1, got 0"),
+        (dict(p=1.5), r"p must be in \(0, 1\], got 1.5"),
+        (dict(lam=-1.0), "lam must be > 0, got -1.0"),
+        (dict(probe="uniform"), "probe must be one of"),
+        (dict(eval_logdet="fast"), "eval_logdet must be one of"),
+        (dict(inverse_method="newton"), "inverse_method must be one of"),
+        (dict(atol=-1.0), "atol must be >= 0, got -1.0"),
+        (dict(max_iter=0), "max_iter must be >= 1, got 0"),
+    ],
+)
+def test_bad_options_raise_clear_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ResidualBlock(make_active_mlp([3, 16, 3], 0.9), **kwargs)
+
+
+def test_net_must_be_module() -> None:
+    with pytest.raises(TypeError, match="net must be an nn.Module, got function"):
+        ResidualBlock(lambda x: 0.5 * x)

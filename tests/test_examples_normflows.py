@@ -1,0 +1,25 @@
+"""Smoke test of the normflows example (``--num-steps 2``): it trains, plots and reports a finite
+held-out NLL."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "normflows_two_moons.py"
+
+
+def test_normflows_two_moons_smoke(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--num-steps", "2", "--num-blocks", "2", "--num-test", "500",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    match = re.search(r"held-out NLL \(exact log-det\): (\S+)", result.stdout)
+    assert match is not None, result.stdout
+    assert math.isfinite(float(match.group(1)))
+    assert (tmp_path / "normflows_two_moons.png").stat().st_size > 0

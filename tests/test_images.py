@@ -1,0 +1,317 @@
+"""Image flows: conv spectral norm, squeeze, actnorm, logit, conv i-ResNet blocks, multi-scale model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+
+import pyro_iresnet.conv as conv_module
+from pyro_iresnet import (
+    ActNorm,
+    FactorOut,
+    LipschitzCNN,
+    LogitTransform,
+    SpectralNormConv2d,
+    Squeeze,
+    Unsqueeze,
+    bits_per_dim,
+    conv_iresnet,
+    dequantize,
+    lipschitz_bound,
+    multiscale_iresnet,
+)
+from pyro_iresnet.conv import conv_operator_norm
+
+DTYPE = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny convolutions: one thread is faster, and far faster on a shared, loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def jacobian(f, x: torch.Tensor) -> torch.Tensor:
+    """Dense Jacobian of a map on one event, flattened to (out, in)."""
+    jac = torch.autograd.functional.jacobian(f, x)
+    return jac.reshape(jac.shape[: jac.dim() - x.dim()].numel(), x.numel())
+
+
+def per_sample_slogdet(transform, x: torch.Tensor) -> torch.Tensor:
+    """log|det J| of ``transform`` at each sample of ``x`` (N, C, H, W) from autograd."""
+    return torch.stack([
+        torch.linalg.slogdet(jacobian(lambda z: transform(z.unsqueeze(0)).squeeze(0), xi)).logabsdet
+        for xi in x
+    ])
+
+
+def active_cnn_scale(module: torch.nn.Module, scale: float) -> None:
+    """Scale every conv kernel up and converge power iteration, so each normalisation is active."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, SpectralNormConv2d):
+                layer.weight.mul_(scale)
+                layer._converge_power_iteration(rtol=1e-8)
+
+
+# -- SpectralNormConv2d ------------------------------------------------------------------------
+def test_conv_spectral_norm_bounds_the_operator_after_training_forwards() -> None:
+    coeff = 0.9
+    layer = SpectralNormConv2d(2, 3, 3, input_shape=(2, 4, 4), coeff=coeff).to(DTYPE)
+    with torch.no_grad():
+        layer.weight.mul_(5.0)  # the normalisation becomes active
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    x = torch.randn(8, 2, 4, 4, dtype=DTYPE)
+    for _ in range(3):  # training forwards, each after a weight change: one power step each
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        optimizer.step()
+    layer(x)
+    weight = layer.normalized_weight().detach()
+    op = jacobian(lambda z: F.conv2d(z.unsqueeze(0), weight, padding=1).squeeze(0), x[0])
+    exact = float(torch.linalg.matrix_norm(op, ord=2))
+    assert 0.9 * coeff <= exact <= coeff * 1.01
+    assert layer.lipschitz_constant() == pytest.approx(exact, rel=1e-10)  # the certificate is exact
+    kernel_norm = float(torch.linalg.matrix_norm(layer.normalized_weight().detach().reshape(3, -1), ord=2))
+    assert abs(kernel_norm - exact) > 1e-3  # the operator norm is not the reshaped kernel's
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_conv_operator_norm_matches_dense_jacobian(dense: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not dense:
+        monkeypatch.setattr(conv_module, "_DENSE_MAX_SIDE", 0)  # force the Lanczos path
+    weight = torch.randn(4, 3, 3, 3, dtype=DTYPE)
+    x = torch.randn(3, 5, 6, dtype=DTYPE)
+    op = jacobian(lambda z: F.conv2d(z.unsqueeze(0), weight, padding=1).squeeze(0), x)
+    expected = float(torch.linalg.matrix_norm(op, ord=2))
+    assert conv_operator_norm(weight, (3, 5, 6), padding=1) == pytest.approx(expected, rel=1e-10)
+
+
+def test_conv_spectral_norm_checkpoint_needs_no_forward() -> None:
+    layer = SpectralNormConv2d(2, 5, 3, input_shape=(2, 4, 4))
+    fresh = SpectralNormConv2d(2, 5, 3, input_shape=(2, 4, 4))
+    fresh.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 2, 4, 4)
+    assert torch.equal(fresh.eval()(x), layer.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"kernel_size": 2}, "kernel_size must be odd"),
+        ({"input_shape": (3, 4, 4)}, r"input_shape\[0\] must equal in_channels=2"),
+        ({"input_shape": (2, 4)}, "input_shape must be three positive ints"),
+        ({"coeff": 1.5}, r"coeff must be in \(0, 1\), got 1.5"),
+    ],
+)
+def test_conv_spectral_norm_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    args = {"in_channels": 2, "out_channels": 3, "kernel_size": 3, "input_shape": (2, 4, 4), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        SpectralNormConv2d(**args)
+
+
+def test_lipschitz_cnn_certificate_and_shape_errors() -> None:
+    net = LipschitzCNN([2, 6, 6, 2], [3, 1, 3], input_shape=(2, 4, 4), coeff=0.8).to(DTYPE)
+    active_cnn_scale(net, 5.0)
+    assert lipschitz_bound(net) <= 0.8**3 * 1.0001
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2, 4, 4\)"):
+        net(torch.randn(1, 2, 5, 4, dtype=DTYPE))
+    with pytest.raises(ValueError, match="channels must have one more entry"):
+        LipschitzCNN([2, 6, 2], [3, 1, 3], input_shape=(2, 4, 4))
+
+
+# -- Squeeze, ActNorm, LogitTransform --------------------------------------------------------
+def test_squeeze_round_trip_and_logdet() -> None:
+    x = torch.randn(3, 2, 4, 6, dtype=DTYPE)
+    for t in (Squeeze(), Unsqueeze().inv):
+        y = t(x)
+        assert y.shape == (3, 8, 2, 3)
+        assert t.forward_shape(x.shape) == y.shape and t.inverse_shape(y.shape) == x.shape
+        assert torch.equal(t.inv(y), x)
+        expected = per_sample_slogdet(t, x)
+        assert torch.allclose(t.log_abs_det_jacobian(x, y), expected, atol=1e-12)
+    assert torch.equal(Squeeze()(x)[0, 5, 1, 2], x[0, 1, 2, 5])  # channel 4c + 2i + j
+    with pytest.raises(ValueError, match="even height and width"):
+        Squeeze()(torch.randn(2, 1, 3, 4))
+
+
+def test_actnorm_data_dependent_init_round_trip_and_logdet() -> None:
+    t = ActNorm(3).to(DTYPE)
+    x = 2.0 + 3.0 * torch.randn(64, 3, 4, 4, dtype=DTYPE)
+    y = t(x)
+    per_channel = y.movedim(1, 0).reshape(3, -1)
+    assert torch.allclose(per_channel.mean(1), torch.zeros(3, dtype=DTYPE), atol=1e-10)
+    assert torch.allclose(per_channel.std(1), torch.ones(3, dtype=DTYPE), atol=1e-5)
+    with torch.no_grad():  # move away from the init so that the log-det is not ~ -log std
+        t.log_scale.add_(torch.randn(3, dtype=DTYPE))
+        t.bias.add_(torch.randn(3, dtype=DTYPE))
+    x = torch.randn(4, 3, 2, 3, dtype=DTYPE)
+    y = t(x)
+    assert torch.allclose(t.inv(y), x, atol=1e-13)
+    assert torch.allclose(t.log_abs_det_jacobian(x, y), per_sample_slogdet(t, x), atol=1e-10)
+    fresh = ActNorm(3).to(DTYPE)
+    fresh.load_state_dict(t.state_dict())
+    assert torch.equal(fresh(x), y)  # loaded: no second data-dependent init
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3, H, W\)"):
+        t(torch.randn(2, 2, 4, 4, dtype=DTYPE))
+
+
+def test_logit_transform_round_trip_logdet_and_bits_per_dim() -> None:
+    t = LogitTransform(levels=17, alpha=0.05)
+    v = dequantize(torch.randint(0, 17, (3, 1, 4, 4)).to(DTYPE))
+    y = t(v)
+    assert torch.allclose(t.inv(y), v, atol=1e-12)
+    assert torch.allclose(t.log_abs_det_jacobian(v, y), per_sample_slogdet(t, v), atol=1e-10)
+    # a uniform density on [0, 17)^D has log2(17) bits/dim
+    assert float(bits_per_dim(torch.tensor(-16 * math.log(17.0)), 16)) == pytest.approx(math.log2(17.0))
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 0.5\)"):
+        LogitTransform(17, alpha=0.5)
+
+
+# -- conv_iresnet ------------------------------------------------------------------------------
+def make_block(**options) -> torch.nn.Module:
+    t = conv_iresnet((2, 4, 4), hidden_channels=8, coeff=0.9, **options).to(DTYPE)
+    active_cnn_scale(t, 5.0)
+    return t
+
+
+def test_conv_iresnet_round_trip_exact_logdet_and_certificate() -> None:
+    t = make_block(logdet="exact")
+    x = torch.randn(5, 2, 4, 4, dtype=DTYPE)
+    y = t(x)
+    assert y.shape == x.shape and t.event_dim == 3
+    assert (t.inv(y) - x).abs().max() <= 1e-6
+    expected = per_sample_slogdet(t.block.forward, x)
+    assert torch.allclose(t.log_abs_det_jacobian(x, y), expected, atol=1e-10)
+    bound = lipschitz_bound(t)
+    assert 0.5 < bound < 1.0
+
+
+def test_conv_iresnet_series_and_implicit_inverse_gradient() -> None:
+    x = torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    t_exact = make_block(logdet="exact")
+    t_series = make_block(logdet="series", n_terms=80, exact_trace=True)
+    t_series.load_state_dict(t_exact.state_dict())
+    assert torch.allclose(t_series.block.logdet(x), t_exact.block.logdet(x), atol=1e-8)
+    t = make_block(logdet="unbiased", inverse_method="anderson")
+    y = t(x).detach().requires_grad_()
+    x_rec = t.inv(y)
+    (grad,) = torch.autograd.grad(x_rec.square().sum(), y)
+    # d x/d y = (I + J_g(x))^{-1}: the implicit gradient is (I + J)^{-T} (2 x)
+    for i in range(3):
+        jac = jacobian(lambda z: t.block(z.unsqueeze(0)).squeeze(0), x_rec[i].detach())
+        expected = torch.linalg.solve(jac.T, 2 * x_rec[i].detach().flatten())
+        assert torch.allclose(grad[i].flatten(), expected, atol=1e-8)
+    loss = t.log_abs_det_jacobian(x, t(x)).sum()
+    loss.backward()
+    weights = [p for name, p in t.named_parameters() if name.endswith("weight")]  # the log-det does
+    assert len(weights) == 3  # not depend on the last bias
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in weights)
+
+
+def test_conv_iresnet_rejects_bad_hidden_channels() -> None:
+    with pytest.raises(ValueError, match=r"hidden_channels must have len\(kernel_sizes\) - 1 = 2"):
+        conv_iresnet((2, 4, 4), hidden_channels=[8, 8, 8])
+
+
+# -- multi-scale model -------------------------------------------------------------------------
+def make_flow(**options) -> tuple[torch.nn.Module, dist.TransformedDistribution]:
+    t = multiscale_iresnet((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, levels=17, **options)
+    base = dist.Normal(torch.zeros(1, 8, 8), 1.0).to_event(3)
+    return t, dist.TransformedDistribution(base, [t])
+
+
+def digits_like(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return dequantize(torch.randint(0, 17, (n, 1, 8, 8)).to(dtype))
+
+
+def test_multiscale_log_prob_equals_autograd_jacobian() -> None:
+    t, flow = make_flow(coeff=0.9)
+    t.to(DTYPE)
+    flow = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 8, 8, dtype=DTYPE), 1.0).to_event(3), [t])
+    v = digits_like(16, DTYPE)
+    t.encoder(v)  # data-dependent actnorm init
+    t.eval()  # exact log-dets (64 and 32 dims <= exact_max_dim)
+    v = v[:3]
+    encoder = t.encoder
+    z = encoder(v)
+    expected = flow.base_dist.log_prob(z) + per_sample_slogdet(encoder, v)
+    assert torch.allclose(flow.log_prob(v), expected, atol=1e-8)
+    assert torch.allclose(t(z), v, atol=1e-6)  # sampling direction inverts the encoder
+    assert lipschitz_bound(t) < 1.0
+    nested = [m for m in t.modules() if isinstance(m, FactorOut)]
+    assert len(nested) == 1 and nested[0].keep_channels == 2
+
+
+def test_multiscale_trains_through_transformed_distribution() -> None:
+    t, flow = make_flow()
+    optimizer = torch.optim.Adam(t.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in t.parameters()]
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = -flow.log_prob(digits_like(8)).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in t.parameters() if p.grad is not None)
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in t.parameters())
+    assert sum(not torch.equal(a, b) for a, b in zip(before, t.parameters())) > len(before) // 2
+    assert torch.isfinite(flow.sample((2,))).all()
+
+
+def test_multiscale_checkpoint_round_trip_without_dummy_forward() -> None:
+    t, flow = make_flow()
+    flow.log_prob(digits_like(8)).mean().backward()  # initialises actnorm
+    torch.optim.SGD(t.parameters(), lr=1e-2).step()
+    t.eval()
+    torch.manual_seed(1)
+    fresh, fresh_flow = make_flow()
+    fresh.load_state_dict(t.state_dict())
+    fresh.eval()
+    v = digits_like(4)
+    assert torch.equal(fresh_flow.log_prob(v), flow.log_prob(v))
+
+
+def test_multiscale_without_factor_out_and_argument_errors() -> None:
+    t = multiscale_iresnet((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, factor_out=False,
+                           actnorm=False, logdet="exact")
+    assert not any(isinstance(m, FactorOut) for m in t.modules())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.allclose(t(t.inv(x)), x, atol=1e-4)
+    with pytest.raises(ValueError, match=r"divisible by 2\*\*n_scales = 16"):
+        multiscale_iresnet((1, 8, 8), n_scales=4)
+
+
+def test_multiscale_normalizing_flow_matches_pyro_and_trains() -> None:
+    from pyro_iresnet.normflows import multiscale_normalizing_flow
+
+    options = dict(n_scales=2, n_blocks=1, hidden_channels=4, levels=17)
+    torch.manual_seed(3)
+    t, flow = make_flow()
+    torch.manual_seed(3)
+    model = multiscale_normalizing_flow((1, 8, 8), **options)
+    v = digits_like(8)
+    t.eval()
+    model.eval()  # exact log-dets: the two densities must agree
+    assert torch.allclose(model.log_prob(v), flow.log_prob(v), atol=1e-4)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss = model.forward_kld(digits_like(8))
+        loss.backward()
+        assert torch.isfinite(loss)
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    samples, log_q = model.sample(2)
+    assert samples.shape == (2, 1, 8, 8) and torch.isfinite(log_q).all()
+    assert lipschitz_bound(model) < 1.0

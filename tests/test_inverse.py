@@ -1,0 +1,139 @@
+"""Fixed-point inverse: round trip, Banach bound, Anderson, implicit gradient, non-convergence."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from pyro_iresnet import ConvergenceError, ConvergenceWarning, ResidualBlock, lipschitz_bound
+from tests.conftest import make_active_mlp
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("coeff", [0.9, 0.98])
+@pytest.mark.parametrize("dim", [2, 16])
+def test_round_trip_within_banach_bound(dtype: torch.dtype, tol: float, coeff: float, dim: int) -> None:
+    net = make_active_mlp([dim, 32, 32, dim], coeff, dtype)
+    block = ResidualBlock(net).eval()
+    x = 2 * torch.randn(64, dim, dtype=dtype)
+    with torch.no_grad():
+        y = block(x)
+        x_rec = block.inverse(y)
+    info = block.last_diagnostics.inverse
+    assert info.converged
+    assert (x_rec - x).abs().max() <= tol
+    # Banach: residual of x_n is |x_n - x_{n+1}| <= L^n |x_1 - x_0| with x_0 = y, x_1 = y - g(y)
+    lip = lipschitz_bound(net)
+    atol, rtol = (1e-12, 1e-13) if dtype == torch.float64 else (1e-6, 1e-6)
+    with torch.no_grad():
+        first_step = block.g(y).norm(dim=1)
+        target = atol + rtol * y.abs().amax(1)
+    needed = torch.log(target / first_step) / math.log(lip)
+    assert info.iterations <= math.ceil(float(needed.max())) + 1
+
+
+def _iterations(net: torch.nn.Module, y: torch.Tensor, method: str) -> int:
+    block = ResidualBlock(net, inverse_method=method, max_iter=5000).eval()
+    with torch.no_grad():
+        x = block.inverse(y)
+        assert (x + block.g(x) - y).abs().max() <= 1e-11
+    return block.last_diagnostics.inverse.iterations
+
+
+@pytest.mark.parametrize("activation", ["lipswish", "elu"])
+def test_anderson_needs_fewer_iterations_at_coeff_098(activation: str) -> None:
+    net = make_active_mlp([8, 32, 32, 8], 0.98, torch.float64, activation=activation)
+    y = 3 * torch.randn(64, 8, dtype=torch.float64)
+    assert _iterations(net, y, "anderson") < _iterations(net, y, "fixed_point")
+
+
+def test_anderson_on_slowly_contracting_map() -> None:
+    # g(x) = W x with W symmetric, eigenvalues in [-0.98, -0.5]: plain iteration contracts by 0.98
+    net = make_active_mlp([8, 8], 0.98, torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    with torch.no_grad():
+        layer = net.layers[0]
+        layer.weight.copy_(-q @ torch.diag(torch.linspace(0.5, 0.98, 8, dtype=torch.float64)) @ q.T)
+        layer.bias.zero_()
+        layer._converge_power_iteration(rtol=1e-9)
+    y = torch.randn(16, 8, dtype=torch.float64)
+    plain, anderson = _iterations(net, y, "fixed_point"), _iterations(net, y, "anderson")
+    assert plain > 1000
+    assert anderson < plain / 10
+
+
+def _newton_reference_inverse(block: ResidualBlock, y: torch.Tensor) -> torch.Tensor:
+    """A differentiable inverse independent of the implicit Function: solve to convergence, then
+    take one Newton step with the autograd Jacobian (exact gradient at the solution)."""
+    with torch.no_grad():
+        x = y.clone()
+        for _ in range(2000):
+            x = y - block.g(x)
+    x = x.detach()
+    jac = torch.func.vmap(torch.func.jacrev(lambda z: block.g(z.unsqueeze(0)).squeeze(0)))(x)
+    eye = torch.eye(y.shape[-1], dtype=y.dtype)
+    residual = x + block.g(x) - y
+    return x - torch.linalg.solve(eye + jac, residual.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_implicit_gradient_matches_newton_reference(method: str) -> None:
+    dtype = torch.float64
+    net = make_active_mlp([3, 16, 16, 3], 0.95, dtype)
+    block = ResidualBlock(net, inverse_method=method).eval()
+    y = torch.randn(6, 3, dtype=dtype, requires_grad=True)
+    weights = torch.randn(6, 3, dtype=dtype)
+    params = list(net.parameters())
+
+    loss = (block.inverse(y) ** 2 * weights).sum()
+    ours = torch.autograd.grad(loss, [y, *params])
+    loss_ref = (_newton_reference_inverse(block, y) ** 2 * weights).sum()
+    reference = torch.autograd.grad(loss_ref, [y, *params])
+    for a, b in zip(ours, reference):
+        assert (a - b).norm() <= 1e-5 * b.norm() + 1e-12
+
+
+def test_non_convergence_warns_with_details_and_strict_raises() -> None:
+    net = make_active_mlp([4, 16, 4], 0.98, torch.float64)
+    y = 3 * torch.randn(5, 4, dtype=torch.float64)
+    block = ResidualBlock(net, max_iter=2).eval()
+    with pytest.warns(ConvergenceWarning, match=r"2 iterations.*worst residual.*Lipschitz estimate"):
+        block.inverse(y)
+    assert not block.last_diagnostics.inverse.converged
+    strict = ResidualBlock(net, max_iter=2, strict=True).eval()
+    with pytest.raises(ConvergenceError, match="max_iter"):
+        strict.inverse(y)
+
+
+def test_inverse_records_no_graph_of_iterations() -> None:
+    net = make_active_mlp([2, 16, 2], 0.95, torch.float64)
+    block = ResidualBlock(net)
+    y = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+    x = block.inverse(y)
+    assert block.last_diagnostics.inverse.iterations > 5
+    # one autograd node for the whole solve (plus reshapes), fed by the leaves y and the parameters
+    seen, stack = set(), [x.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(fn for fn, _ in node.next_functions)
+    names = [type(node).__name__ for node in seen]
+    assert sum("ImplicitInverse" in name for name in names) == 1
+    assert len(seen) <= 4 + len(list(net.parameters()))
+
+
+def test_spectral_norm_frozen_during_solve() -> None:
+    net = make_active_mlp([2, 16, 2], 0.9, torch.float64)
+    block = ResidualBlock(net).train()
+    y = torch.randn(4, 2, dtype=torch.float64)
+    block.inverse(y)  # first training call after the weights changed refreshes once
+    buffers = [b.clone() for b in net.buffers()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = block.inverse(y)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, net.buffers()))
+    assert (block(x) - y).abs().max() <= 1e-10

@@ -1,0 +1,149 @@
+"""Spectral normalisation, LipSwish and the Lipschitz certificate."""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions.transforms as T
+import pytest
+import torch
+from torch import nn
+
+from pyro_iresnet import (
+    LipschitzMLP,
+    LipSwish,
+    ResidualBlock,
+    SpectralNormLinear,
+    iresnet,
+    lipschitz_bound,
+)
+
+
+def _exact_sigma(w: torch.Tensor) -> float:
+    return float(torch.linalg.svdvals(w.detach())[0])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("shape", [(5, 3), (64, 64), (2, 128), (128, 128)])
+def test_construction_converges_to_within_one_percent(shape: tuple[int, int], seed: int) -> None:
+    torch.manual_seed(seed)
+    layer = SpectralNormLinear(shape[1], shape[0], coeff=0.9)
+    sigma = _exact_sigma(layer.weight)
+    estimate = float(layer.sigma_estimate().detach())
+    assert 0.99 * sigma <= estimate <= sigma * (1 + 1e-6)
+
+
+def test_normalisation_formula() -> None:
+    layer = SpectralNormLinear(4, 4, coeff=0.5).double()
+    sigma = layer.sigma_estimate().detach()
+    expected = layer.weight * 0.5 / sigma if sigma > 0.5 else layer.weight
+    assert torch.allclose(layer.normalized_weight(), expected)
+    with torch.no_grad():
+        layer.weight.mul_(0.01)  # now sigma < c: weight used unchanged
+    assert torch.equal(layer.normalized_weight(), layer.weight)
+
+
+def test_gradient_flows_through_sigma() -> None:
+    layer = SpectralNormLinear(3, 3, coeff=0.1).double().eval()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    layer(x).pow(2).sum().backward()
+    ours = layer.weight.grad.clone()
+    w = layer.weight.detach().clone().requires_grad_()
+    sigma = layer.u @ w @ layer.v
+    torch.nn.functional.linear(x, w * 0.1 / sigma, layer.bias).pow(2).sum().backward()
+    assert torch.allclose(ours, w.grad, atol=1e-12)
+
+
+def test_power_iteration_runs_in_training_only_and_once_per_weight_change() -> None:
+    layer = SpectralNormLinear(6, 6, coeff=0.9)
+    x = torch.randn(2, 6)
+    layer.eval()
+    u = layer.u.clone()
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    layer(x)
+    assert torch.equal(layer.u, u)  # eval never changes the estimate
+    layer.train()
+    layer(x)
+    u_after = layer.u.clone()
+    assert not torch.equal(u_after, u)
+    layer(x)
+    assert torch.equal(layer.u, u_after)  # same weights: no further iteration
+
+
+def test_buffers_in_state_dict_and_follow_to() -> None:
+    layer = SpectralNormLinear(3, 2)
+    assert {"u", "v"} <= set(layer.state_dict())
+    layer = layer.to(torch.float64)
+    assert layer.u.dtype == layer.v.dtype == torch.float64
+
+
+@pytest.mark.parametrize("raw_beta", [-3.0, 0.5, 4.0])
+def test_lipswish_is_1_lipschitz(raw_beta: float) -> None:
+    act = LipSwish().double()
+    with torch.no_grad():
+        act.raw_beta.fill_(raw_beta)
+    width = 10 / float(act.beta.detach())  # the slope peaks at |beta x| ~ 2.4
+    x = torch.linspace(-width, width, 20001, dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(act(x).sum(), x)
+    assert slope.abs().max() <= 1.0
+    assert slope.abs().max() >= 0.99  # and the bound is nearly tight
+
+
+def test_lipschitz_bound_is_product_of_exact_norms() -> None:
+    net = LipschitzMLP([3, 20, 20, 3], coeff=0.8)
+    with torch.no_grad():
+        for layer in net.modules():
+            if isinstance(layer, SpectralNormLinear):
+                layer.weight.mul_(4)
+    net.train()(torch.randn(1, 3))
+    expected = math.prod(
+        _exact_sigma(m.normalized_weight()) for m in net.modules() if isinstance(m, SpectralNormLinear)
+    )
+    assert lipschitz_bound(net) == pytest.approx(expected, rel=1e-6)
+    block = ResidualBlock(net)
+    assert lipschitz_bound(block) == lipschitz_bound(net)
+
+
+def test_lipschitz_bound_of_transforms_and_compositions() -> None:
+    a, b = iresnet(2, coeff=0.5), iresnet(2, coeff=0.9)
+    compose = T.ComposeTransform([a, T.permute(2), b])
+    assert lipschitz_bound(compose) == max(lipschitz_bound(a), lipschitz_bound(b))
+    assert lipschitz_bound(compose.inv) == lipschitz_bound(compose)
+    assert lipschitz_bound(nn.ModuleList([a, b])) == lipschitz_bound(compose)
+    with pytest.raises(ValueError, match="no residual block"):
+        lipschitz_bound(T.ComposeTransform([T.permute(2)]))
+    with pytest.raises(TypeError, match="cannot certify a Linear"):
+        lipschitz_bound(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_bound_stays_below_one_after_adversarial_training() -> None:
+    """300 Adam steps at a high learning rate on a loss that rewards a large g."""
+    coeff = 0.97
+    net = LipschitzMLP([2, 32, 32, 2], coeff=coeff)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    x = torch.randn(128, 2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = -(net(x) - net(x.flip(0))).pow(2).sum(1).mean() - net(x).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+    net(x)  # the forward after the last step refreshes once, as any training forward would
+    assert lipschitz_bound(net) < 1
+    for layer in net.modules():
+        if isinstance(layer, SpectralNormLinear):
+            assert _exact_sigma(layer.normalized_weight()) <= coeff * 1.01
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(coeff=1.2), ValueError, r"coeff must be in \(0, 1\), got 1.2"),
+        (dict(coeff=0.0), ValueError, r"coeff must be in \(0, 1\), got 0.0"),
+        (dict(n_power_iterations=0), ValueError, "n_power_iterations must be >= 1, got 0"),
+        (dict(activation="relu6"), ValueError, "activation must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        LipschitzMLP([2, 4, 2], **kwargs)

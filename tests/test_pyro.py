@@ -1,0 +1,496 @@
+"""Pyro adapter: a registry of helper-built transforms (and their ``.inv``) checked against
+autograd Jacobians, plus caching, stacking with Pyro's transforms, SVI and error messages."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.distributions import transforms as T
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import AutoNormalizingFlow
+from torch import Tensor, nn
+from torch.distributions import ComposeTransform, Transform
+
+from pyro_iresnet import (
+    ConditionalInvertibleResidual,
+    InvertibleResidual,
+    SpectralNormLinear,
+    conditional_iresnet,
+    iresnet,
+    lipschitz_bound,
+)
+
+DTYPE = torch.float64
+CONTEXT_DIM = 3
+
+
+@dataclass
+class Case:
+    """A transform under test, the module owning its parameters and its event size."""
+
+    transform: Transform
+    module: nn.Module
+    dim: int
+    exact: bool = True  # False: the training estimator is stochastic; log-det checks use eval()
+    inverted: bool = False  # the transform is the .inv of an InvertibleResidual
+
+    def explicit(self, v: Tensor) -> Tensor:
+        """The explicit map v + g(v) of the underlying block, straight from its net (an
+        independent reference: no transform, estimator or solver code involved)."""
+        t = self.transform.inv if self.inverted else self.transform
+        context = t._context
+        if context is not None:
+            context = context.expand(*v.shape[:-1], context.shape[-1])
+        return v + t.block.g(v, context)
+
+    def reference_logdet(self, x: Tensor) -> Tensor:
+        """log|det| of the transform at x (N, d), from the autograd Jacobian of the explicit map."""
+        if not self.inverted:
+            return per_sample_logdet(self.explicit, x)
+        return -per_sample_logdet(self.explicit, self.transform(x.clone()).detach())
+
+
+def activate(module: nn.Module, scale: float = 5.0) -> nn.Module:
+    """Warm-up: scale the weights up so every spectral normalisation is active (g non-trivial,
+    Lip(g) close to coeff), with power iteration converged on the scaled weights."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, SpectralNormLinear):
+                layer.weight.mul_(scale)
+                layer._converge_power_iteration(rtol=1e-6)
+    return module
+
+
+def _plain(dim: int, **options: object) -> Callable[[], Case]:
+    def make() -> Case:
+        exact = options.get("logdet", "unbiased") == "exact"
+        t = activate(iresnet(dim, **options).to(DTYPE))
+        return Case(t, t, dim, exact)
+
+    return make
+
+
+def _conditional(dim: int, **options: object) -> Callable[[], Case]:
+    def make() -> Case:
+        c = activate(conditional_iresnet(dim, CONTEXT_DIM, **options).to(DTYPE))
+        context = torch.randn(CONTEXT_DIM, dtype=DTYPE)
+        return Case(c.condition(context), c, dim, options.get("logdet") == "exact")
+
+    return make
+
+
+def _inverse(factory: Callable[[], Case]) -> Callable[[], Case]:
+    def make() -> Case:
+        case = factory()
+        return Case(case.transform.inv, case.module, case.dim, case.exact, inverted=True)
+
+    return make
+
+
+BASE_CASES: dict[str, Callable[[], Case]] = {
+    "iresnet-2": _plain(2, logdet="exact"),
+    "iresnet-3-coeff0.9": _plain(3, coeff=0.9, logdet="exact"),
+    "poisson-roulette": _plain(2, roulette="poisson", lam=2.0),
+    "anderson-inverse": _plain(2, logdet="exact", inverse_method="anderson"),
+    "conditional": _conditional(2, logdet="exact"),
+}
+CASES = {**BASE_CASES, **{f"{name}.inv": _inverse(f) for name, f in BASE_CASES.items()}}
+
+
+def per_sample_logdet(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """Reference ``log|det J_fn|`` per row of ``x`` (N, d): autograd Jacobian + ``slogdet``."""
+    jac = torch.autograd.functional.jacobian(fn, x)  # (N, d, N, d)
+    idx = torch.arange(x.shape[0])
+    return torch.linalg.slogdet(jac[idx, :, idx, :])[1]
+
+
+def _base(dim: int, batch_shape: tuple[int, ...] = ()) -> dist.Distribution:
+    loc = torch.zeros(*batch_shape, dim, dtype=DTYPE)
+    return dist.Normal(loc, torch.ones_like(loc)).to_event(1)
+
+
+# -- registry properties ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", CASES)
+def test_logdet_matches_autograd_jacobian(name: str) -> None:
+    case = CASES[name]()
+    if not case.exact:
+        case.module.eval()  # eval_logdet="auto": exact for small d
+    t = case.transform
+    x = 1.5 * torch.randn(5, case.dim, dtype=DTYPE)
+    y = t(x)
+    ref = case.reference_logdet(x)
+    assert (y - x).abs().max() > 0.02 and ref.abs().min() > 1e-3  # the warm-up made g non-trivial
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), ref, rtol=1e-8, atol=1e-8)
+    # a pair not produced by the last call is recomputed
+    torch.testing.assert_close(t.log_abs_det_jacobian(x.clone(), y.clone()), ref, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_round_trip(name: str) -> None:
+    case = CASES[name]()
+    t = case.transform
+    x = 2.0 * torch.randn(16, case.dim, dtype=DTYPE)
+    y = t(x)
+    assert (y - x).abs().max() > 1e-2
+    x_back = t.inv(y.clone())  # clone: bypass torch's transform cache
+    assert (x_back - x).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("batch_shape", [(), (3,), (3, 4), (3, 4, 5)], ids=str)
+def test_shapes(name: str, batch_shape: tuple[int, ...]) -> None:
+    case = CASES[name]()
+    t, d = case.transform, case.dim
+    shape = torch.Size((*batch_shape, d))
+    assert t.forward_shape(shape) == shape and t.inverse_shape(shape) == shape
+    x = torch.randn(shape, dtype=DTYPE)
+    y = t(x)
+    assert y.shape == shape and t.log_abs_det_jacobian(x, y).shape == batch_shape
+    flow = dist.TransformedDistribution(_base(d, batch_shape), [t])
+    assert flow.batch_shape == batch_shape and flow.event_shape == (d,)
+    sample = flow.sample((2,))
+    assert sample.shape == (2, *shape)
+    log_prob = flow.log_prob(sample)
+    assert log_prob.shape == (2, *batch_shape) and torch.isfinite(log_prob).all()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_adam_steps_on_negative_log_prob(name: str) -> None:
+    case = CASES[name]()
+    flow = dist.TransformedDistribution(_base(case.dim), [case.transform])
+    data = torch.randn(32, case.dim, dtype=DTYPE) * 0.5 + 1.0
+    params = [p for p in case.module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optim = torch.optim.Adam(params, lr=1e-2)
+    for _ in range(3):
+        optim.zero_grad()
+        loss = -flow.log_prob(data).mean()
+        assert torch.isfinite(loss)
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+        optim.step()
+    changed = [not torch.equal(b, p) for b, p in zip(before, params)]
+    assert all(changed)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_log_prob_is_change_of_variables(name: str) -> None:
+    """log p_Y(y) = log p_Z(z) - log|det J_t(z)| with z = t^{-1}(y), reference from autograd."""
+    case = CASES[name]()
+    if not case.exact:
+        case.module.eval()
+    t, base = case.transform, _base(case.dim)
+    z = torch.randn(6, case.dim, dtype=DTYPE)
+    y = t(z).detach().clone()  # a fresh tensor: log_prob must run t's inverse
+    expected = base.log_prob(z) - case.reference_logdet(z)
+    actual = dist.TransformedDistribution(base, [t]).log_prob(y)
+    torch.testing.assert_close(actual, expected, rtol=1e-7, atol=1e-7)
+
+
+def test_log_prob_both_orientations_of_a_composition() -> None:
+    blocks = [activate(iresnet(2, logdet="exact").to(DTYPE)) for _ in range(2)]
+    base = _base(2)
+    data = torch.randn(7, 2, dtype=DTYPE)
+
+    def explicit(v: Tensor) -> Tensor:  # data -> latent through the explicit maps only
+        return blocks[1].block(blocks[0].block(v))
+
+    z = explicit(data)
+    expected = base.log_prob(z) + per_sample_logdet(explicit, data)
+    density = dist.TransformedDistribution(base, [ComposeTransform(blocks).inv])
+    torch.testing.assert_close(density.log_prob(data), expected, rtol=1e-8, atol=1e-8)
+    # the forward orientation: y = blocks[1](blocks[0](z)), log_prob needs both inverses
+    sampler = dist.TransformedDistribution(base, [ComposeTransform(blocks)])
+    z_sampled = torch.randn(7, 2, dtype=DTYPE)
+    y = explicit(z_sampled).detach().clone()
+    ref = base.log_prob(z_sampled) - per_sample_logdet(explicit, z_sampled)
+    torch.testing.assert_close(sampler.log_prob(y), ref, rtol=1e-7, atol=1e-7)
+
+
+def test_conditional_lipschitz_and_inverse_module() -> None:
+    c = activate(conditional_iresnet(2, CONTEXT_DIM, coeff=0.9, logdet="exact").to(DTYPE))
+    assert isinstance(c, ConditionalInvertibleResidual)
+    bound = lipschitz_bound(c)
+    assert 0.5 < bound < 1.0
+    context = torch.randn(4, CONTEXT_DIM, dtype=DTYPE)
+    x = torch.randn(4, 2, dtype=DTYPE)
+    y = c.condition(context)(x)
+    x_back = c.inv.condition(context)(y.clone())
+    assert (x_back - x).abs().max() < 1e-6
+    # the context changes the map
+    other = c.condition(torch.randn(4, CONTEXT_DIM, dtype=DTYPE))(x)
+    assert (other - y).abs().max() > 1e-3
+    flow = dist.ConditionalTransformedDistribution(_base(2), [c])
+    assert flow.condition(context).log_prob(y).shape == (4,)
+
+
+# -- caching ---------------------------------------------------------------------------------
+def test_cached_logdet_is_the_draw_made_in_call() -> None:
+    t = activate(iresnet(2, logdet="unbiased").to(DTYPE))
+    x = torch.randn(8, 2, dtype=DTYPE)
+    torch.manual_seed(1)
+    _, logdet_in_call = t.block.forward_and_logdet(x)
+    torch.manual_seed(1)
+    y = t(x)
+    state = torch.get_rng_state()
+    cached = t.log_abs_det_jacobian(x, y)
+    assert torch.equal(torch.get_rng_state(), state)  # no second estimator draw
+    assert torch.equal(cached, logdet_in_call)
+    recomputed = t.log_abs_det_jacobian(x.clone(), y.clone())
+    assert not torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(recomputed, cached)
+
+
+def test_other_pair_recomputes() -> None:
+    """Pyro's Planar bug: the log-det of (x1, y1) after another call must be that of x1."""
+    t = activate(iresnet(2, logdet="exact").to(DTYPE))
+    x1, x2 = torch.randn(2, 5, 2, dtype=DTYPE)
+    y1 = t(x1)
+    t(x2)
+    ref = per_sample_logdet(lambda v: v + t.block.g(v), x1)
+    torch.testing.assert_close(t.log_abs_det_jacobian(x1, y1), ref)
+
+
+def test_clear_cache() -> None:
+    t = activate(iresnet(2, logdet="unbiased").to(DTYPE))
+    x = torch.randn(4, 2, dtype=DTYPE)
+    y = t(x)
+    t.clear_cache()
+    assert t(x) is not y  # torch's (x, y) cache is gone
+    y = t(x)
+    t.clear_cache()
+    state = torch.get_rng_state()
+    t.log_abs_det_jacobian(x, y)
+    assert not torch.equal(torch.get_rng_state(), state)  # the cached log-det was dropped
+
+
+def test_cache_is_dropped_after_an_optimiser_step() -> None:
+    t = activate(iresnet(2, logdet="exact").to(DTYPE))
+    data = torch.randn(8, 2, dtype=DTYPE)
+    x_old = t.inv(data)
+    assert t.inv(data) is x_old  # torch's cache serves the pair while nothing changed
+    optim = torch.optim.SGD(t.parameters(), lr=0.5)
+    (-dist.TransformedDistribution(_base(2), [t]).log_prob(data).sum()).backward()
+    optim.step()
+    x_new = t.inv(data)
+    assert x_new is not x_old
+    torch.testing.assert_close(t.block(x_new), data)
+    torch.testing.assert_close(
+        t.log_abs_det_jacobian(x_new, data), per_sample_logdet(lambda v: v + t.block.g(v), x_new.detach())
+    )
+
+
+@pytest.mark.parametrize("logdet", ["exact", "series", "unbiased"])
+def test_gradient_through_the_output_only(logdet: str) -> None:
+    t = activate(iresnet(2, logdet=logdet).to(DTYPE))
+    x = torch.randn(6, 2, dtype=DTYPE, requires_grad=True)
+    t(x).pow(2).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (x_ref + t.block.g(x_ref)).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_no_grad() -> None:
+    t = activate(iresnet(2, logdet="exact").to(DTYPE))
+    x = torch.randn(5, 2, dtype=DTYPE)
+    ref = per_sample_logdet(lambda v: v + t.block.g(v), x)
+    with torch.no_grad():
+        y = t(x)
+        cached = t.log_abs_det_jacobian(x, y)
+        fresh = t.log_abs_det_jacobian(x.clone(), y)
+        sample = dist.TransformedDistribution(_base(2), [t]).sample((3,))
+    assert not cached.requires_grad and not fresh.requires_grad
+    torch.testing.assert_close(cached, ref)
+    torch.testing.assert_close(fresh, ref)
+    assert sample.shape == (3, 2)
+    u = iresnet(2)  # default: unbiased estimator, float32
+    with torch.no_grad():
+        z = torch.randn(3, 2)
+        assert torch.isfinite(u.log_abs_det_jacobian(z, u(z))).all()
+
+
+def test_transform_contract() -> None:
+    t = iresnet(2)
+    assert isinstance(t, InvertibleResidual) and t.bijective and t.sign == 1
+    assert t.inv.inv is t
+    assert t.with_cache(1) is t
+    assert t.domain.event_dim == 1 and t.codomain.event_dim == 1
+    c = conditional_iresnet(2, CONTEXT_DIM).condition(torch.randn(CONTEXT_DIM))
+    assert c.inv.inv is c and c.with_cache(1) is c
+    blocks = [iresnet(2), iresnet(2)]
+    composed = ComposeTransform(blocks, cache_size=1)
+    assert all(a is b for a, b in zip(composed.parts, blocks))
+    x = torch.randn(3, 2)
+    y = composed(x)
+    assert composed.log_abs_det_jacobian(x, y).shape == (3,)
+    assert lipschitz_bound(composed) < 1.0
+    assert lipschitz_bound(composed.inv) < 1.0
+
+
+# -- stacking with Pyro's own transforms -----------------------------------------------------
+def test_stacks_with_pyro_transforms() -> None:
+    parts = [
+        T.affine_autoregressive(2, hidden_dims=[8]),
+        activate(iresnet(2, logdet="exact")),
+        T.permute(2),
+        T.spline_coupling(2, hidden_dims=[8]),
+        T.planar(2),
+        activate(iresnet(2, logdet="exact")),
+    ]
+    stack = T.ComposeTransformModule(parts).to(DTYPE)
+    base = _base(2)
+    z = torch.randn(6, 2, dtype=DTYPE)
+
+    expected = base.log_prob(z) - per_sample_logdet(lambda v: stack(v), z)
+    flow = dist.TransformedDistribution(base, [stack])
+    y = stack(z)
+    torch.testing.assert_close(flow.log_prob(y), expected, rtol=1e-6, atol=1e-6)
+    # density estimation through the inverse of the stack
+    density = dist.TransformedDistribution(base, [stack.inv])
+    optim = torch.optim.Adam(stack.parameters(), lr=1e-2)
+    data = torch.randn(16, 2, dtype=DTYPE)
+    for _ in range(3):
+        optim.zero_grad()
+        loss = -density.log_prob(data).mean()
+        loss.backward()
+        optim.step()
+        assert torch.isfinite(loss)
+
+
+def test_iterated_registers_every_block() -> None:
+    flow = T.iterated(3, iresnet, 2, hidden_dims=[8])
+    assert isinstance(flow, T.ComposeTransformModule)
+    n_single = len(list(iresnet(2, hidden_dims=[8]).parameters()))
+    assert len(list(flow.parameters())) == 3 * n_single
+    sample = dist.TransformedDistribution(_base(2).to_event(0), [flow.to(DTYPE)]).rsample((4,))
+    assert sample.shape == (4, 2) and sample.requires_grad
+
+
+# -- SVI -------------------------------------------------------------------------------------
+def _elbo(model: Callable, guide: Callable, obs: Tensor, particles: int = 2000) -> float:
+    loss = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
+    with torch.no_grad():
+        return -loss.loss(model, guide, obs)
+
+
+def test_svi_raises_elbo_and_predictive() -> None:
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    obs = torch.tensor([1.5, 2.0, 1.8])
+
+    def model(obs: Tensor) -> None:
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1))
+        with pyro.plate("data", obs.shape[0]):
+            pyro.sample("obs", dist.Normal(z.sum(-1, keepdim=True), 0.3), obs=obs)
+
+    guide = AutoNormalizingFlow(model, partial(T.iterated, 2, iresnet, hidden_dims=[16]))
+    guide(obs)  # create the parameters
+    before = _elbo(model, guide, obs)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 2e-2}), Trace_ELBO(num_particles=4))
+    for _ in range(60):
+        assert torch.isfinite(torch.tensor(svi.step(obs)))
+    after = _elbo(model, guide, obs)
+    assert after > before + 1.0, (before, after)
+    samples = Predictive(model, guide=guide, num_samples=20, return_sites=["z"])(obs)
+    assert samples["z"].shape == (20, 1, 2)
+    # the posterior concentrates near z0 + z1 = mean(obs)
+    assert (samples["z"].sum(-1).mean() - obs.mean()).abs() < 0.5
+
+
+# -- bad input -------------------------------------------------------------------------------
+def test_bad_input_errors() -> None:
+    t = iresnet(2)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 2\), got \(4, 3\)"):
+        t(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="shape"):
+        t.inv(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="floating dtype"):
+        t(torch.ones(4, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="float64"):
+        t(torch.randn(4, 2, dtype=DTYPE))
+    with pytest.raises(ValueError, match="finite.*1 NaN"):
+        t(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="finite"):
+        t.log_abs_det_jacobian(torch.tensor([[float("inf"), 0.0]]), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"coeff must be in \(0, 1\), got 1.2"):
+        iresnet(2, coeff=1.2)
+    with pytest.raises(ValueError, match="input_dim must be >= 1, got 0"):
+        iresnet(0)
+    with pytest.raises(ValueError, match="logdet must be one of"):
+        iresnet(2, logdet="approx")
+    c = conditional_iresnet(2, CONTEXT_DIM)
+    with pytest.raises(ValueError, match="does not broadcast with context"):
+        c.condition(torch.randn(5, CONTEXT_DIM))(torch.randn(4, 2))
+    with pytest.raises(TypeError, match="context must be a torch.Tensor"):
+        c.condition([0.0, 1.0, 2.0])(torch.randn(4, 2))
+
+
+# -- CUDA ------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_core_checks(name: str) -> None:
+    cuda = torch.device("cuda")
+    case = CASES[name]()
+    case.module.to(cuda)
+    if not case.exact:
+        case.module.eval()
+    t = case.transform
+    if isinstance(case.module, ConditionalInvertibleResidual):
+        t = case.module.condition(torch.randn(CONTEXT_DIM, dtype=DTYPE, device=cuda))
+        case = replace(case, transform=t.inv if case.inverted else t)
+        t = case.transform
+    x = torch.randn(5, case.dim, dtype=DTYPE, device=cuda)
+    y = t(x)
+    assert y.device.type == "cuda"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cached = t.log_abs_det_jacobian(x, y)
+        fresh = t.log_abs_det_jacobian(x.clone(), y.clone())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = case.reference_logdet(x)
+    torch.testing.assert_close(cached, ref, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(fresh, ref, rtol=1e-8, atol=1e-8)
+    assert (t.inv(y.clone()) - x).abs().max() < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("roulette", ["geometric", "poisson"])
+def test_cuda_unbiased_logdet_has_no_sync(roulette: str) -> None:
+    cuda = torch.device("cuda")
+    t = iresnet(4, roulette=roulette).to(cuda)
+    x = torch.randn(64, 4, device=cuda)
+    y = t(x)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fresh = t.log_abs_det_jacobian(x.clone(), y.clone())
+        fresh.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert fresh.shape == (64,) and fresh.device.type == "cuda"
+
+
+@pytest.mark.cuda
+def test_cuda_svi_step() -> None:
+    cuda = torch.device("cuda")
+    pyro.clear_param_store()
+    obs = torch.tensor([1.5, 2.0], device=cuda)
+
+    def model(obs: Tensor) -> None:
+        zeros = torch.zeros(2, device=cuda)
+        z = pyro.sample("z", dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
+        with pyro.plate("data", obs.shape[0]):
+            pyro.sample("obs", dist.Normal(z.sum(-1, keepdim=True), 0.3), obs=obs)
+
+    guide = AutoNormalizingFlow(model, partial(T.iterated, 2, iresnet, hidden_dims=[16]))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    losses = torch.tensor([svi.step(obs) for _ in range(3)])
+    assert torch.isfinite(losses).all()
+    samples = Predictive(model, guide=guide, num_samples=5, return_sites=["z"])(obs)
+    assert samples["z"].device.type == "cuda"
