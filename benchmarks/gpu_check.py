@@ -37,7 +37,8 @@ from pyro_iresnet import iresnet
 def make_model(n_data: int, dim: int, device: torch.device) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(n_data, dim, generator=gen)
-    labels = (features @ torch.randn(dim, generator=gen) + 0.5 * torch.randn(n_data, generator=gen) > 0).float()
+    truth = torch.randn(dim, generator=gen)
+    labels = (features @ truth + 0.5 * torch.randn(n_data, generator=gen) > 0).float()
     features, labels = features.to(device), labels.to(device)
     zeros = torch.zeros(dim, device=device)
 
@@ -62,7 +63,8 @@ def run(device: torch.device, args: argparse.Namespace, sync_check: bool) -> tup
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     model = make_model(args.n_data, args.dim, device)
-    guide = AutoNormalizingFlow(model, partial(T.iterated, args.blocks, iresnet, hidden_dims=[args.hidden] * 2))
+    flow = partial(T.iterated, args.blocks, iresnet, hidden_dims=[args.hidden] * 2)
+    guide = AutoNormalizingFlow(model, flow)
     guide()  # builds the flow (host-side set-up, outside the timed and checked region)
     guide.to(device)
     optim = torch.optim.Adam(guide.parameters(), lr=1e-3)

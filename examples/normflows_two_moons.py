@@ -1,13 +1,15 @@
 r"""normflows' residual-flow two-moons example, on ``pyro_iresnet.normflows.Residual``.
 
 The architecture is normflows' (16 x [Residual(2-128-128-2, Lipschitz 0.9), ActNorm], a standard
-normal base, ``forward_kld`` on the ``TwoMoons`` target with Adam 3e-4), with one import changed
-and without ``nf.utils.update_lipschitz`` (the layer keeps power iteration fresh itself). It plots
+normal base, ``forward_kld`` on the ``TwoMoons`` target with Adam 3e-4) with our ``Residual`` and
+our ``LipschitzMLP`` (normflows' ``nf.nets.LipschitzMLP`` works too), and without
+``nf.utils.update_lipschitz`` (power iteration stays fresh by itself). It plots
 the learned density next to the target and prints the held-out negative log-likelihood computed
 with the exact log-det (``eval()`` mode).
 
-Run:
-    python examples/normflows_two_moons.py --num-steps 400 --lr 1e-3 --out outputs/normflows_two_moons
+Run (about 2 minutes on a CPU; held-out NLL about 1.8):
+    python examples/normflows_two_moons.py --num-blocks 4 --lr 3e-3 --num-steps 1400 \
+        --out outputs/normflows_two_moons
 """
 
 from __future__ import annotations

@@ -127,8 +127,9 @@ GUIDES = ("i-ResNet", "AutoNormal", "AutoIAFNormal")
 # -- training and evaluation -------------------------------------------------------------------
 def fit(model: Callable[[], None], guide: nn.Module, args: argparse.Namespace, desc: str) -> float:
     """SVI; returns seconds per step."""
-    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / max(args.num_steps, 1))}),
-              Trace_ELBO(num_particles=args.train_particles, vectorize_particles=True, max_plate_nesting=1))
+    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / max(args.num_steps, 1))})
+    elbo = Trace_ELBO(num_particles=args.train_particles, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, optim, elbo)
     svi.step()  # creates the parameters (not timed)
     start = time.perf_counter()
     bar = trange(args.num_steps, desc=desc, leave=False)

@@ -359,7 +359,6 @@ class _FusedLogdet(torch.autograd.Function):
                 a, b = _series_pairs(spec, cache, ctx.extra)
                 a = a * grad_logdet[:, None]
         grad_x, grads = _backward(spec.mlp, cache, grad_gx, a, b)
-        ctx.cache = ctx.extra = None
         return (None, grad_x, *grads)
 
 

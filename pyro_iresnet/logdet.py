@@ -67,12 +67,16 @@ def logdet_error_bound(lip: float, n_terms: int, dim: int) -> float:
         raise ValueError(f"lip must be in [0, 1), got {lip}")
     check_positive_int("n_terms", n_terms)
     check_positive_int("dim", dim)
-    # The tail sum_{k>n} L^k/k, summed directly: -ln(1-L) - partial sum cancels catastrophically.
-    tail, term_power, k = 0.0, lip ** (n_terms + 1), n_terms + 1
-    while term_power / k > 1e-17 * max(tail, 1e-300) and k < n_terms + 100_000:
-        tail += term_power / k
-        term_power *= lip
-        k += 1
+    # The tail sum_{k>n} L^k/k, summed directly (-ln(1-L) minus the partial sum cancels
+    # catastrophically when the tail is small); the closed form is used if the sum is slow.
+    tail, power = 0.0, lip ** (n_terms + 1)
+    for k in range(n_terms + 1, n_terms + 100_001):
+        term = power / k
+        if term <= 1e-17 * tail:
+            return dim * tail
+        tail += term
+        power *= lip
+    tail = -math.log1p(-lip) - sum(lip**k / k for k in range(1, n_terms + 1))
     return dim * tail
 
 

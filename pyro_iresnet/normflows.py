@@ -35,13 +35,11 @@ from normflows.nets.lipschitz import InducedNormConv2d, InducedNormLinear, Lipsc
 from torch import Tensor, nn
 
 from .block import ResidualBlock
+from .conv import conv_operator_norm
 from .errors import check_probability
 from .lipschitz import lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
-_DENSE_OPERATOR_MAX_ENTRIES = 2**22
-_POWER_ITERATION_MAX = 20_000
-_POWER_ITERATION_RTOL = 1e-9
 
 
 def _event_dim(net: nn.Module) -> int:
@@ -181,7 +179,7 @@ class Residual(Flow):
             ``len(net.event_shape)``, else 3 for 2-d convolutional nets, else 1.
 
     Examples:
-        >>> import normflows as nf
+        >>> import normflows as nf, torch
         >>> from pyro_iresnet import LipschitzMLP
         >>> flows = [Residual(LipschitzMLP([2, 32, 2], coeff=0.9)), nf.flows.ActNorm(2)]
         >>> model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2), flows)
@@ -303,38 +301,20 @@ def _induced_norm_linear_bound(layer: InducedNormLinear) -> float:
         return float(torch.linalg.matrix_norm(weight.double(), ord=2))
 
 
-def _conv_operator_norm(weight: Tensor, shape: tuple[int, int, int], stride: tuple, padding: tuple) -> float:
-    r"""$\|W\|_2$ of the convolution operator on inputs of ``shape`` ``(c, h, w)``: the dense
-    operator's spectral norm when small, else power iteration on $A^\top A$ (``conv2d`` and its exact
-    adjoint) run to convergence."""
-    weight = weight.double()
-
-    def conv(x: Tensor) -> Tensor:
-        return F.conv2d(x, weight, stride=stride, padding=padding)
-
-    n_in = shape[0] * shape[1] * shape[2]
-    n_out = conv(weight.new_zeros(1, *shape)).numel()
-    if n_in * n_out <= _DENSE_OPERATOR_MAX_ENTRIES:
-        basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).reshape(n_in, *shape)
-        return float(torch.linalg.matrix_norm(conv(basis).reshape(n_in, n_out), ord=2))
-    generator = torch.Generator().manual_seed(0)  # leaves the user's RNG stream alone
-    v = torch.randn(1, *shape, dtype=weight.dtype, generator=generator).to(weight.device)
-    sigma = 0.0
-    for _ in range(_POWER_ITERATION_MAX):
-        u, adjoint = torch.func.vjp(conv, v / v.norm())
-        (v,) = adjoint(u)  # A^T A v, exactly (any stride and padding)
-        previous, sigma = sigma, float(v.norm().sqrt())
-        if abs(sigma - previous) <= _POWER_ITERATION_RTOL * sigma:
-            break
-    return sigma
-
-
 def _induced_norm_conv_bound(layer: InducedNormConv2d) -> float:
-    """Exact operator norm of the convolution the layer applies, at its input size."""
+    """Exact operator norm of the convolution the layer applies, at its input size
+    (:func:`~pyro_iresnet.conv.conv_operator_norm`)."""
     with torch.no_grad():
-        if layer.kernel_size == (1, 1):
+        if layer.kernel_size == (1, 1) and layer.padding == (0, 0):
             weight = layer.compute_weight(update=False).reshape(layer.out_channels, layer.in_channels)
             return float(torch.linalg.matrix_norm(weight.double(), ord=2))
+        k, padding = layer.kernel_size, layer.padding
+        if layer.stride != (1, 1) or k[0] != k[1] or padding != (k[0] // 2,) * 2 or k[0] % 2 == 0:
+            raise TypeError(
+                "lipschitz_bound certifies InducedNormConv2d with stride 1 and 'same' padding (odd "
+                f"square kernel, padding k // 2), got kernel_size={k}, stride={layer.stride}, "
+                f"padding={padding}"
+            )
         if not bool(layer.initialized):
             raise ValueError(
                 "lipschitz_bound needs the input size of this InducedNormConv2d: run one forward "
@@ -342,7 +322,7 @@ def _induced_norm_conv_bound(layer: InducedNormConv2d) -> float:
             )
         height, width = (int(s) for s in layer.spatial_dims.tolist())
         weight = layer.compute_weight(update=False)
-        return _conv_operator_norm(weight, (layer.in_channels, height, width), layer.stride, layer.padding)
+        return conv_operator_norm(weight, (layer.in_channels, height, width), padding[0])
 
 
 register_lipschitz_rule(InducedNormLinear, _induced_norm_linear_bound)

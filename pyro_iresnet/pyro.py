@@ -125,6 +125,11 @@ class InvertibleResidual(_ResidualTransform, TransformModule):
     gradients. Use ``t`` for sampling/VI and ``ComposeTransform(blocks).inv`` for density
     estimation (see the module docstring).
 
+    Caching (``cache_size=1``): ``log_abs_det_jacobian(x, y)`` on the pair just returned by ``t(x)``
+    is the log-det drawn in that call (no second estimator draw); any other pair is estimated
+    afresh at ``x``. Both the pair and its log-det are dropped once a parameter changes in place
+    (an optimiser step) or moves, so no ``clear_cache()`` is needed between training steps.
+
     Args:
         net: The residual function $g$, e.g. :class:`~pyro_iresnet.LipschitzMLP`.
         cache_size: Pyro/torch transform cache size (1 keeps the last pair).

@@ -38,9 +38,11 @@ def test_pyro_density_2d(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 def test_pyro_vi(capsys: pytest.CaptureFixture[str]) -> None:
     example = load("examples/pyro_vi.py")
     table = example.main([
-        "--num-steps", "2", "--blocks", "2", "--hidden", "16", "--train-particles", "1", "--num-particles", "1000",
+        "--num-steps", "2", "--blocks", "2", "--hidden", "16", "--train-particles", "1",
+        "--num-particles", "1000",
     ])
-    assert set(table) == {(m, g) for m in ("funnel", "logistic") for g in ("i-ResNet", "AutoNormal", "AutoIAFNormal")}
+    guides = ("i-ResNet", "AutoNormal", "AutoIAFNormal")
+    assert set(table) == {(m, g) for m in ("funnel", "logistic") for g in guides}
     for row in table.values():
         assert math.isfinite(row["elbo"]) and row["ms_per_step"] > 0
     # the funnel is normalised: every ELBO is a lower bound of log Z = 0 (up to Monte Carlo error)

@@ -59,7 +59,7 @@ def active_cnn_scale(module: torch.nn.Module, scale: float) -> None:
         for layer in module.modules():
             if isinstance(layer, SpectralNormConv2d):
                 layer.weight.mul_(scale)
-                layer._converge_power_iteration(rtol=1e-8)
+                layer._converge_power_iteration(rtol=1e-3)
 
 
 # -- SpectralNormConv2d ------------------------------------------------------------------------
@@ -68,12 +68,13 @@ def test_conv_spectral_norm_bounds_the_operator_after_training_forwards() -> Non
     layer = SpectralNormConv2d(2, 3, 3, input_shape=(2, 4, 4), coeff=coeff).to(DTYPE)
     with torch.no_grad():
         layer.weight.mul_(5.0)  # the normalisation becomes active
-    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-3)
     x = torch.randn(8, 2, 4, 4, dtype=DTYPE)
-    for _ in range(3):  # training forwards, each after a weight change: one power step each
-        optimizer.zero_grad()
+    for _ in range(3):  # training forwards, each after a weight change (SGD): one power step each
+        layer.zero_grad()
         layer(x).square().mean().backward()
-        optimizer.step()
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.sub_(1e-3 * p.grad)
     layer(x)
     weight = layer.normalized_weight().detach()
     op = jacobian(lambda z: F.conv2d(z.unsqueeze(0), weight, padding=1).squeeze(0), x[0])
@@ -121,7 +122,7 @@ def test_conv_spectral_norm_rejects_bad_arguments(kwargs: dict, match: str) -> N
 def test_lipschitz_cnn_certificate_and_shape_errors() -> None:
     net = LipschitzCNN([2, 6, 6, 2], [3, 1, 3], input_shape=(2, 4, 4), coeff=0.8).to(DTYPE)
     active_cnn_scale(net, 5.0)
-    assert lipschitz_bound(net) <= 0.8**3 * 1.0001
+    assert lipschitz_bound(net) <= (0.8 / 0.999) ** 3  # power iteration converged to 1e-3
     with pytest.raises(ValueError, match=r"x must have shape \(N, 2, 4, 4\)"):
         net(torch.randn(1, 2, 5, 4, dtype=DTYPE))
     with pytest.raises(ValueError, match="channels must have one more entry"):
@@ -216,6 +217,25 @@ def test_conv_iresnet_series_and_implicit_inverse_gradient() -> None:
     assert len(weights) == 3  # not depend on the last bias
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
                for p in weights)
+
+
+@pytest.mark.parametrize("neumann_grad", [True, False])
+def test_conv_iresnet_memory_efficient_gradients_agree(neumann_grad: bool) -> None:
+    x = torch.randn(3, 2, 4, 4, dtype=DTYPE, requires_grad=True)
+    weights = torch.rand(3, dtype=DTYPE)  # per-sample weights: not only a batch mean
+
+    def grads(**options) -> list[torch.Tensor]:
+        t = make_block(logdet="unbiased", n_probes=2, **options)
+        t.load_state_dict(reference.state_dict())
+        torch.manual_seed(7)
+        y, logdet = t.block.forward_and_logdet(x)
+        loss = (weights * logdet).sum() + y.square().sum()
+        return torch.autograd.grad(loss, [x, *t.parameters()])
+
+    reference = make_block(logdet="unbiased", n_probes=2)
+    expected = grads(neumann_grad=neumann_grad, memory_efficient=False)
+    for got, want in zip(grads(neumann_grad=neumann_grad, memory_efficient=True), expected):
+        assert torch.allclose(got, want, atol=1e-10)
 
 
 def test_conv_iresnet_rejects_bad_hidden_channels() -> None:
