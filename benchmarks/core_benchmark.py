@@ -5,14 +5,15 @@
     forward pass): one training step (NLL under a standard normal base, backward, Adam step; for
     normflows also ``update_lipschitz(model, 5)``) and the inverse of 512 points (ours to a 1e-6
     residual, theirs at its default), ours vs ``normflows.flows.Residual`` side by side in one
-    process; min and median over repetitions, and the ratios.
+    process; median wall-clock and CPU time over repetitions, and the ratios.
 (b) Scaling of one block g = d-128-128-d, batch 512, ``logdet="series"``: step time and peak memory
     vs d (5 terms) and vs the number of terms (d = 64), for the gradient modes plain / neumann_grad /
     neumann_grad + memory_efficient, each on the fused and on the generic path.
 
-Peak memory: the rise of the resident set size during one training step (``ru_maxrss`` after the
-step minus the RSS before it), each configuration in a fresh subprocess after a small warm-up step
-(tracemalloc does not see torch's allocations).
+Peak memory: the peak of the bytes held by torch tensors allocated during one training step
+(after a warm-up step), from ``torch.profiler`` with ``profile_memory=True`` (the running sum of
+the recorded allocations and frees); tracemalloc does not see torch's allocations and RSS deltas
+are dominated by allocator and library caches at these sizes.
 
 Usage::
 
@@ -23,12 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import normflows as nf
@@ -146,9 +142,23 @@ def part_a(args: argparse.Namespace) -> None:
     print(f"\nours inverse iterations per block: {iters}")
 
 
-def child(config: dict) -> dict:
-    """One scaling configuration: median step time and peak RSS rise of one step."""
-    torch.set_num_threads(config["threads"])
+def peak_allocated_mib(fn) -> float:
+    """Peak of the bytes held by torch tensors allocated during ``fn()`` (relative to its start):
+    the running sum of the allocations and frees recorded by ``torch.profiler`` with
+    ``profile_memory=True``, in time order."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
+
+
+def scaling_config(config: dict) -> dict:
+    """One scaling configuration: median CPU time of a training step and its peak allocation."""
     torch.manual_seed(0)
     d = config["d"]
     block = ResidualBlock(
@@ -160,27 +170,17 @@ def child(config: dict) -> dict:
     )
     opt = torch.optim.Adam(block.parameters(), lr=1e-3)
     blocks = torch.nn.ModuleList([block])
-    _ours_step(blocks, opt, torch.randn(8, d))  # warm-up (lazy initialisation, optimiser state)
     x = torch.randn(config["batch"], d)
-    with open("/proc/self/statm") as f:
-        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    _ours_step(blocks, opt, x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    _ours_step(blocks, opt, x)  # warm-up (lazy initialisation, optimiser state)
+    peak = peak_allocated_mib(lambda: _ours_step(blocks, opt, x))
     _, cpu = _timed(lambda: _ours_step(blocks, opt, x), config["reps"])
-    return {"step_ms": cpu * 1e3, "peak_mib": peak / 2**20}
-
-
-def run_child(config: dict) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(config)], check=True, capture_output=True, text=True
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return {"step_ms": cpu * 1e3, "peak_mib": peak}
 
 
 def part_b(args: argparse.Namespace) -> None:
     dims = [2, 16, 64, 256] if args.quick else [2, 16, 64, 256, 1024]
     terms = [2, 5, 10, 20]
-    base = {"threads": args.threads, "batch": 512, "reps": max(args.reps // 2, 2)}
+    base = {"batch": 512, "reps": max(args.reps // 2, 2)}
     for sweep, values, fixed in (("d", dims, {"terms": 5}), ("terms", terms, {"d": 64})):
         print(
             f"\n(b) one block {'d' if sweep == 'd' else '64'}-128-128-{'d' if sweep == 'd' else '64'}, "
@@ -193,7 +193,7 @@ def part_b(args: argparse.Namespace) -> None:
             cells = []
             for mode in MODES:
                 for fused in (True, False):
-                    r = run_child({**base, **fixed, sweep: value, "mode": mode, "fused": fused})
+                    r = scaling_config({**base, **fixed, sweep: value, "mode": mode, "fused": fused})
                     cells.append(f"{r['step_ms']:.1f} / {r['peak_mib']:.1f}")
             print(f"| {value} | " + " | ".join(cells) + " |", flush=True)
 
@@ -206,11 +206,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 repetitions, d up to 256")
     parser.add_argument("--part", choices=["a", "b", "both"], default="both")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(json.loads(args.child))))
-        return
     if args.quick:
         args.reps = 3
     torch.set_num_threads(args.threads)

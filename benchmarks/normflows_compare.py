@@ -10,8 +10,8 @@ Measured side by side in one process (``torch.set_num_threads``): median train-s
 (forward_kld + backward + Adam step [+ update_lipschitz]), time to sample 512 points in eval mode
 (ours: inverse to a 1e-6 residual; theirs: its default squared-step stop), before and after
 ``--steps`` training steps, and the held-out NLL (exact log-det, eval mode) at equal wall-clock.
-Peak memory of one training step is the rise of the resident set size (``ru_maxrss`` minus the RSS
-before the step) in a fresh subprocess per implementation, after a small warm-up step.
+Peak memory of one training step: the peak of the bytes held by torch tensors allocated during the
+step (after a warm-up step), from ``torch.profiler`` with ``profile_memory=True``.
 
 Usage::
 
@@ -24,11 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import normflows as nf
@@ -170,25 +166,28 @@ def step_times(trainers: dict[str, Trainer], data: torch.Generator, batch: int, 
     return {k: _summary(v) for k, v in clocks.items()}
 
 
-def memory_child(which: str, args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    trainer = Trainer(which, build(which, args.blocks, args.hidden), args.lr)
-    trainer.step(two_moons(16, gen))  # warm-up: lazy initialisations, optimiser state
-    x = two_moons(args.batch, gen)
-    with open("/proc/self/statm") as f:
-        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    trainer.step(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_mib": (peak - rss_before) / 2**20}))
+def peak_allocated_mib(fn) -> float:
+    """Peak of the bytes held by torch tensors allocated during ``fn()`` (relative to its start):
+    the running sum of the allocations and frees recorded by ``torch.profiler`` with
+    ``profile_memory=True``, in time order."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        fn()
+    current = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def peak_memory(which: str, args: argparse.Namespace) -> float:
-    cmd = [sys.executable, __file__, "--memory-child", which, "--threads", str(args.threads),
-           "--blocks", str(args.blocks), "--hidden", str(args.hidden), "--batch", str(args.batch)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    """Peak torch allocation of one training step of a freshly built model (after a warm-up step)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    trainer = Trainer(which, build(which, args.blocks, args.hidden), args.lr)
+    trainer.step(two_moons(args.batch, gen))  # warm-up: ActNorm init, optimiser state
+    x = two_moons(args.batch, gen)
+    return peak_allocated_mib(lambda: trainer.step(x))
 
 
 def main() -> None:
@@ -208,11 +207,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--save", default=None, help="save both trained models' state_dicts here")
     parser.add_argument("--load", default=None, help="skip training: load a --save file as the trained state")
-    parser.add_argument("--memory-child", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.memory_child:
-        memory_child(args.memory_child, args)
-        return
     torch.set_num_threads(args.threads)
     adapter = "pyro_iresnet.normflows.Residual" if OursResidual is not None else "stand-in over ResidualBlock"
     print(f"torch {torch.__version__}, threads {args.threads}, ours via {adapter}", flush=True)
@@ -278,7 +273,8 @@ def report(res: dict, args: argparse.Namespace) -> None:
             print(f"| sample 512, {label}, {name}, {samples[name]['iterations']} iterations | "
                   f"{_cells(samples[name], samples['normflows'])} | >= 3x |")
     mem = res["peak_step_mib"]
-    print(f"| peak memory of a train step (MiB, RSS rise) | {mem['ours']:.1f} | {mem['theirs']:.1f} | "
+    print(f"| peak memory of a train step (MiB allocated by torch) | {mem['ours']:.1f} | "
+          f"{mem['theirs']:.1f} | "
           f"{mem['theirs'] / mem['ours']:.2f}x | ours <= theirs |")
     curves = res["curves"]
     if not curves:

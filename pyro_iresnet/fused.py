@@ -299,37 +299,38 @@ def _exact_value(mlp: FusedMLP, cache: _Cache) -> tuple[Tensor, Tensor]:
 
 
 def _series_value(spec: _Spec, cache: _Cache) -> tuple[Tensor, list[list[Tensor]]]:
-    r"""Series estimate; per probe the powers $(J^\top)^k v$, $k = 0..n$."""
+    r"""Series estimate, and per probe what the gradient needs: the Neumann vector
+    $\sum_k k\,c_k (J^\top)^{k-1} v / n_{\text{probes}}$ (``neumann_grad``: memory flat in the number
+    of terms), else the powers $(J^\top)^k v$, $k = 0..n-1$."""
     total = cache.x.new_zeros(cache.x.shape[0])
-    powers_per_probe = []
+    scale = 1.0 / len(spec.probes)
+    saved = []
     for v in spec.probes:
-        w, powers = v, [v]
-        for c in spec.coeffs:
+        w, powers, neumann = v, [], torch.zeros_like(v)
+        for k, c in enumerate(spec.coeffs, start=1):
+            if spec.neumann_grad:
+                neumann.add_(w, alpha=k * c * scale)
+            else:
+                powers.append(w)
             w = _vjp(spec.mlp, cache, w)
             total = total + c * (w * v).sum(1)
-            powers.append(w)
-        powers_per_probe.append(powers)
-    return total / len(spec.probes), powers_per_probe
+        saved.append([neumann] if spec.neumann_grad else powers)
+    return total * scale, saved
 
 
-def _series_pairs(spec: _Spec, cache: _Cache, powers_per_probe: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+def _series_pairs(spec: _Spec, cache: _Cache, saved: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
     r"""The bilinear pairs $(a, b)$ whose gradient is the estimator's gradient (unweighted)."""
+    if spec.neumann_grad:
+        return torch.stack([s[0] for s in saved]), torch.stack(list(spec.probes))
     scale = 1.0 / len(spec.probes)
     a_list, b_list = [], []
-    for v, powers in zip(spec.probes, powers_per_probe):
-        if spec.neumann_grad:
-            neumann = torch.zeros_like(v)
-            for k, c in enumerate(spec.coeffs, start=1):
-                neumann = neumann + (k * c * scale) * powers[k - 1]
-            a_list.append(neumann)
-            b_list.append(v)
-        else:  # lambda_k = c_k v + J lambda_{k+1}; pair (J^T)^{k-1} v with lambda_k
-            lam = None
-            for k in range(len(spec.coeffs), 0, -1):
-                lam = (spec.coeffs[k - 1] * scale) * v if lam is None else \
-                    (spec.coeffs[k - 1] * scale) * v + _jvp(spec.mlp, cache, lam)
-                a_list.append(powers[k - 1])
-                b_list.append(lam)
+    for v, powers in zip(spec.probes, saved):  # lambda_k = c_k v + J lambda_{k+1}
+        lam = None
+        for k in range(len(spec.coeffs), 0, -1):
+            lam = (spec.coeffs[k - 1] * scale) * v if lam is None else \
+                (spec.coeffs[k - 1] * scale) * v + _jvp(spec.mlp, cache, lam)
+            a_list.append(powers[k - 1])
+            b_list.append(lam)
     return torch.stack(a_list), torch.stack(b_list)
 
 

@@ -115,7 +115,7 @@ def _anderson(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tuple[Tensor,
         k = min(iteration, m)
         f = (gs[:, :k] - xs[:, :k])  # residual history (n, k, D)
         gram = f @ f.transpose(1, 2)
-        scale = gram.diagonal(dim1=1, dim2=2).amin(1).clamp_min(torch.finfo(y.dtype).tiny)
+        scale = gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(y.dtype).tiny)
         gram = gram + (_ANDERSON_RIDGE * scale)[:, None, None] * torch.eye(k, dtype=y.dtype, device=y.device)
         ones = torch.ones(n, k, 1, dtype=y.dtype, device=y.device)
         alpha = torch.linalg.solve(gram, ones)

@@ -44,12 +44,13 @@ def _orthonormal_columns(rows: int, cols: int, dtype: torch.dtype) -> torch.Tens
 
 
 def make_active_mlp(dims: list[int], coeff: float, dtype: torch.dtype = torch.float64, scale: float = 5.0,
-                    activation: str = "lipswish") -> LipschitzMLP:
+                    activation: str = "lipswish", bias: float = 1.0, aligned: bool = True) -> LipschitzMLP:
     """A LipschitzMLP whose Jacobian is far from trivial: the normalised weights chain an
     orthonormal embedding U, identities and O U^T (O a random rotation), with biases that put the
     activations near their maximal slope, so J_g(x) ~ c^L O U^T D U has a spectral norm close to
     the certified bound. The raw weights are then scaled by ``scale`` so that every normalisation
-    is active, and power iteration is converged on them."""
+    is active, and power iteration is converged on them. ``aligned=False`` keeps the random
+    initial weights instead (only scaled), which gives a much smaller Jacobian."""
     net = LipschitzMLP(dims, coeff=coeff, activation=activation).to(dtype)
     layers = [m for m in net.modules() if isinstance(m, SpectralNormLinear)]
     d_in, d_out = dims[0], dims[-1]
@@ -57,6 +58,10 @@ def make_active_mlp(dims: list[int], coeff: float, dtype: torch.dtype = torch.fl
     rotation = _orthonormal_columns(d_out, d_out, dtype)
     with torch.no_grad():
         for i, layer in enumerate(layers):
+            if not aligned:
+                layer.weight.mul_(scale)
+                layer._converge_power_iteration(rtol=1e-6)
+                continue
             if len(layers) == 1:
                 weight = _orthonormal_columns(d_out, d_in, dtype)
             elif i == 0:
@@ -68,6 +73,6 @@ def make_active_mlp(dims: list[int], coeff: float, dtype: torch.dtype = torch.fl
                 weight = torch.eye(layer.out_features, layer.in_features, dtype=dtype)
             layer.weight.copy_(scale * weight)
             if i < len(layers) - 1:
-                layer.bias.fill_(2.4)
+                layer.bias.fill_(bias)
             layer._converge_power_iteration(rtol=1e-6)
     return net

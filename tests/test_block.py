@@ -129,7 +129,7 @@ def test_bad_inputs_raise_clear_errors(make_input, error: type, match: str) -> N
         (dict(lam=-1.0), "lam must be > 0, got -1.0"),
         (dict(probe="uniform"), "probe must be one of"),
         (dict(eval_logdet="fast"), "eval_logdet must be one of"),
-        (dict(inverse_method="newton"), "inverse_method must be one of"),
+        (dict(inverse_method="broyden"), "inverse_method must be one of"),
         (dict(atol=-1.0), "atol must be >= 0, got -1.0"),
         (dict(max_iter=0), "max_iter must be >= 1, got 0"),
     ],
