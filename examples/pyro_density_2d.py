@@ -77,7 +77,7 @@ def base_distribution() -> dist.Distribution:
 def iresnet_flow(n_blocks: int, hidden: int, logdet: str) -> tuple[dist.TransformedDistribution, nn.Module]:
     """Density-estimation orientation: the data side is the explicit side of every block."""
     blocks = nn.ModuleList(
-        iresnet(2, hidden_dims=[hidden, hidden], coeff=0.9, logdet=logdet) for _ in range(n_blocks)
+        iresnet(2, hidden_dims=[hidden, hidden], coeff=0.97, logdet=logdet) for _ in range(n_blocks)
     )
     return dist.TransformedDistribution(base_distribution(), [ComposeTransform(list(blocks)).inv]), blocks
 
@@ -153,9 +153,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-steps", type=int, default=1000)
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--blocks", type=int, default=8, help="i-ResNet blocks")
+    parser.add_argument("--blocks", type=int, default=16, help="i-ResNet blocks")
     parser.add_argument("--spline-layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--logdet", choices=["unbiased", "series", "exact"], default="unbiased",
                         help="training estimator of the i-ResNet log-det")
     parser.add_argument("--lr", type=float, default=1e-2)

@@ -13,6 +13,7 @@ __all__ = [
     "LipSwish",
     "LipschitzCNN",
     "LipschitzMLP",
+    "LipschitzWarning",
     "LogitTransform",
     "MultiscaleTransform",
     "ResidualBlock",
@@ -32,7 +33,7 @@ __all__ = [
 
 from .block import Diagnostics, ResidualBlock
 from .conv import LipschitzCNN, SpectralNormConv2d
-from .errors import ConvergenceError, ConvergenceWarning
+from .errors import ConvergenceError, ConvergenceWarning, LipschitzWarning
 from .images import (
     ActNorm,
     FactorOut,
@@ -45,6 +46,6 @@ from .images import (
     dequantize,
     multiscale_iresnet,
 )
-from .lipschitz import LipSwish, LipschitzMLP, SpectralNormLinear, lipschitz_bound
+from .lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear, lipschitz_bound
 from .logdet import logdet_error_bound
 from .pyro import ConditionalInvertibleResidual, InvertibleResidual, conditional_iresnet, iresnet

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
+    "LipschitzWarning",
     "check_choice",
     "check_finite",
     "check_positive_int",
@@ -22,6 +23,11 @@ from torch import Tensor
 class ConvergenceWarning(RuntimeWarning):
     """An iterative solve (the fixed-point inverse or its adjoint) stopped at ``max_iter``
     before its residual met the tolerance."""
+
+
+class LipschitzWarning(RuntimeWarning):
+    """A certified Lipschitz bound of a residual function is not below 1: the block may not be
+    invertible (power iteration lagging behind the weights, or an uncertified layer)."""
 
 
 class ConvergenceError(RuntimeError):

@@ -159,7 +159,7 @@ class _ImplicitInverse(torch.autograd.Function):
 
         with torch.no_grad():
             x, info = solver(g_rows, y.detach(), tol, config.max_iter)
-        config.info.iterations, config.info.residual, config.info.converged = info.iterations, info.residual, info.converged
+        config.info.__dict__.update(vars(info))
         if not info.converged:
             _report(info, "fixed-point inverse", config.strict, config.lipschitz())
         ctx.config, ctx.g, ctx.has_context = config, g, context is not None
@@ -175,7 +175,7 @@ class _ImplicitInverse(torch.autograd.Function):
             x_leaf = x.detach().requires_grad_()
             gx = g(x_leaf) if context is None else g(x_leaf, context)
             u, tol = grad_x, _residual_tolerance(grad_x, config.atol, config.rtol)
-            for iteration in range(1, config.max_iter + 1):
+            for _ in range(config.max_iter):
                 (jtu,) = torch.autograd.grad(gx, x_leaf, u, retain_graph=True)
                 u_next = grad_x - jtu
                 residual = _max_abs(u_next - u)

@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
 
-from .errors import check_choice, check_positive_int, check_unit_interval
+from .errors import LipschitzWarning, check_choice, check_positive_int, check_unit_interval
 
 _MAX_INIT_ITERATIONS = 10_000
 
@@ -340,6 +341,9 @@ def lipschitz_bound(module: object) -> float:
     Raises:
         TypeError: If a layer's Lipschitz constant cannot be certified.
         ValueError: If a composition holds no residual block.
+
+    Warns:
+        LipschitzWarning: If ``module`` holds residual blocks and the bound is not below 1.
     """
     nets = _residual_nets(module)
     if nets is None:
@@ -348,7 +352,15 @@ def lipschitz_bound(module: object) -> float:
         return _chain_bound(module)
     if not nets:
         raise ValueError(f"lipschitz_bound found no residual block in {type(module).__name__}")
-    return max(_chain_bound(net) for net in nets)
+    bound = max(_chain_bound(net) for net in nets)
+    if bound >= 1.0:
+        warnings.warn(
+            f"certified Lip(g) = {bound:.4f} >= 1: a residual block may not be invertible; raise "
+            "n_power_iterations or lower coeff",
+            LipschitzWarning,
+            stacklevel=2,
+        )
+    return bound
 
 
 def lipschitz_estimate(net: nn.Module) -> float | None:

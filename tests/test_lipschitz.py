@@ -11,6 +11,7 @@ from torch import nn
 
 from pyro_iresnet import (
     LipschitzMLP,
+    LipschitzWarning,
     LipSwish,
     ResidualBlock,
     SpectralNormLinear,
@@ -147,3 +148,16 @@ def test_bound_stays_below_one_after_adversarial_training() -> None:
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         LipschitzMLP([2, 4, 2], **kwargs)
+
+
+def test_bound_at_or_above_one_is_reported() -> None:
+    transform = iresnet(2, hidden_dims=[8], coeff=0.99)
+    layers = [m for m in transform.modules() if isinstance(m, SpectralNormLinear)]
+    with torch.no_grad():
+        for layer in layers:  # a stale power-iteration estimate that underestimates the norm
+            layer.weight.mul_(10)
+            u, v = torch.linalg.svd(layer.weight)[0][:, -1], torch.linalg.svd(layer.weight)[2][-1]
+            layer.u.copy_(u)
+            layer.v.copy_(v)
+    with pytest.warns(LipschitzWarning, match=r"certified Lip\(g\) = .* >= 1"):
+        assert lipschitz_bound(transform) >= 1
