@@ -196,6 +196,17 @@ def _forward(mlp: FusedMLP, x: Tensor) -> tuple[Tensor, _Cache]:
     raise AssertionError("unreachable")
 
 
+def _recompute(mlp: FusedMLP, x: Tensor, zs: list[Tensor]) -> _Cache:
+    """The cache of :func:`_forward` from its pre-activations."""
+    cache = _Cache(x, zs, [], [], [])
+    for i, z in enumerate(zs):
+        a, d, sig = _act(mlp.kinds[i], z, mlp.betas[i], mlp.alphas[i])
+        cache.acts.append(a)
+        cache.ds.append(d)
+        cache.sig.append(sig)
+    return cache
+
+
 def _vjp(mlp: FusedMLP, cache: _Cache, w: Tensor) -> Tensor:
     r"""$J^\top w$ per sample (``w`` of shape ``(..., N, d)``)."""
     t = _mm(w, mlp.weights[-1])
@@ -343,12 +354,15 @@ class _FusedLogdet(torch.autograd.Function):
             logdet, extra = _exact_value(spec.mlp, cache)
         else:
             logdet, extra = _series_value(spec, cache)
-        ctx.spec, ctx.cache, ctx.extra = spec, cache, extra
+        # keep only the pre-activations; the backward recomputes the activations and slopes from
+        # them (the same values), so the saved state is one (N, h) tensor per hidden layer
+        ctx.spec, ctx.x, ctx.zs, ctx.extra = spec, cache.x, cache.zs, extra
         return gx, logdet
 
     @staticmethod
     def backward(ctx, grad_gx: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:
-        spec, cache = ctx.spec, ctx.cache
+        spec = ctx.spec
+        cache = _recompute(spec.mlp, ctx.x, ctx.zs)
         a = b = None
         if grad_logdet is not None:
             if spec.method == "exact":
