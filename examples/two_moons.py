@@ -86,9 +86,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--logdet", choices=["unbiased", "series", "exact"], default="exact")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny matrices: 1 is fastest)")
     parser.add_argument("--out", type=Path, default=Path("outputs/two_moons.png"))
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     train, test = two_moons(20_000, generator=generator), two_moons(2_000, generator=generator)

@@ -211,7 +211,7 @@ def _vjp(mlp: FusedMLP, cache: _Cache, w: Tensor) -> Tensor:
     r"""$J^\top w$ per sample (``w`` of shape ``(..., N, d)``)."""
     t = _mm(w, mlp.weights[-1])
     for layer in range(len(mlp.weights) - 2, -1, -1):
-        t = _mm(t.mul_(cache.ds[layer]), mlp.weights[layer])
+        t = _mm(t.mul_(cache.ds[layer]), _colmajor(mlp.weights[layer]) if layer == 0 else mlp.weights[layer])
     return t
 
 
@@ -226,6 +226,18 @@ def _jvp(mlp: FusedMLP, cache: _Cache, b: Tensor) -> Tensor:
 def _mm(t: Tensor, w: Tensor) -> Tensor:
     """``t @ w`` for ``t`` of shape ``(..., k)``, as one 2-D matmul (no batched copies of ``w``)."""
     return (t.reshape(-1, t.shape[-1]) @ w).reshape(*t.shape[:-1], w.shape[-1])
+
+
+def _colmajor(w: Tensor) -> Tensor:
+    """``w`` stored column-major (same values): BLAS multiplies ``(N, k) @ (k, 2)`` much faster so."""
+    return w.t().contiguous().t()
+
+
+def _outer(r: Tensor, below: Tensor) -> Tensor:
+    """$r^\\top b$ summed over rows, with the narrow side first (faster for ``(N, 2)`` factors)."""
+    if below.shape[-1] < r.shape[-1]:
+        return (below.t() @ r).t()
+    return r.t() @ below
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -250,7 +262,7 @@ def _backward(
         r = a
         for layer in range(n_layers - 1, -1, -1):
             below = b if layer == 0 else qs[layer - 1]
-            grad_w[layer] = grad_w[layer] + _flat(r).t() @ _flat(below)
+            grad_w[layer] = grad_w[layer] + _outer(_flat(r), _flat(below))
             if layer == 0:
                 break
             dq = _mm(r, mlp.weights[layer])
@@ -262,10 +274,10 @@ def _backward(
     for layer in range(n_layers - 1, -1, -1):
         below = cache.x if layer == 0 else cache.acts[layer - 1]
         if gz is not None:
-            grad_w[layer] = grad_w[layer] + gz.t() @ below
+            grad_w[layer] = grad_w[layer] + _outer(gz, below)
             grad_b[layer] = gz.sum(0)
         if layer == 0:
-            grad_x = gz @ mlp.weights[0] if gz is not None else torch.zeros_like(cache.x)
+            grad_x = _mm(gz, _colmajor(mlp.weights[0])) if gz is not None else torch.zeros_like(cache.x)
             break
         i = layer - 1
         da = gz @ mlp.weights[layer] if gz is not None else None
