@@ -115,11 +115,18 @@ def _anderson(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tuple[Tensor,
         k = min(iteration, m)
         f = (gs[:, :k] - xs[:, :k])  # residual history (n, k, D)
         gram = f @ f.transpose(1, 2)
-        scale = gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(torch.finfo(y.dtype).tiny)
-        gram = gram + (_ANDERSON_RIDGE * scale)[:, None, None] * torch.eye(k, dtype=y.dtype, device=y.device)
+        finfo = torch.finfo(y.dtype)
+        scale = gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(finfo.tiny)
+        ridge = max(_ANDERSON_RIDGE, 100 * finfo.eps) * scale
+        gram = gram + ridge[:, None, None] * torch.eye(k, dtype=y.dtype, device=y.device)
         ones = torch.ones(n, k, 1, dtype=y.dtype, device=y.device)
-        alpha = torch.linalg.solve(gram, ones)
+        alpha, status = torch.linalg.solve_ex(gram, ones)
         alpha = alpha / alpha.sum(1, keepdim=True)
+        # Where the least-squares system is singular or ill-posed, take the plain fixed-point step.
+        plain = torch.zeros_like(alpha)
+        plain[:, slot] = 1.0
+        usable = (status == 0) & torch.isfinite(alpha).all(1).squeeze(-1)
+        alpha = torch.where(usable[:, None, None], alpha, plain[:, :k])
         x = (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1)
     gx = fixed_point_map(x)
     return gx.view_as(y), SolveInfo(max_iter, (gx - x).abs().amax(1), False)
