@@ -1,4 +1,4 @@
-"""Shared fixtures: deterministic seeding, dtype/device options and small factories."""
+"""Shared setup: one thread, deterministic seeding, marker handling and test-net factories."""
 
 from __future__ import annotations
 
@@ -13,18 +13,9 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--device", default="cpu", help="device for device-parametrised tests")
-
-
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def device(request: pytest.FixtureRequest) -> torch.device:
-    return torch.device(request.config.getoption("--device"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
