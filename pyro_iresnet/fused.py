@@ -19,7 +19,9 @@ building an autograd graph, keeps only the pre-activations, and computes all gra
 backward for the given upstream gradient (per-sample weights are exact). The values and gradients
 equal those of the generic autograd path for the same probes and roulette draws (the tests check
 this to 1e-12 in float64); only the cost differs. For $d \le 2$ the exact log-det is computed in
-closed form ($\det(I+J) = (1+J_{11})(1+J_{22}) - J_{12}J_{21}$).
+closed form ($\det(I+J) = (1+J_{11})(1+J_{22}) - J_{12}J_{21}$). Temporaries that live within one
+forward or backward come from a small per-thread scratch store reused across calls, so a training
+step allocates almost no fresh $(N, h)$ memory; the backward is not differentiable again.
 
 The fast path covers ``LipschitzMLP`` with LipSwish or ELU activations, without context and
 without ``exact_trace``; :class:`~pyro_iresnet.ResidualBlock` uses the generic path otherwise (its
@@ -34,11 +36,13 @@ from __future__ import annotations
 
 __all__ = ["FusedMLP", "fused_logdet", "fused_mlp", "newton_inverse", "solver_net", "supports_fused"]
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from .inverse import SolveInfo, default_tolerances
 from .inverse import _report as report_nonconvergence
@@ -117,56 +121,77 @@ def supports_fused(net: nn.Module) -> bool:
     return linear_ok and acts_ok
 
 
+# -- scratch tensors ----------------------------------------------------------------------------
+# Fresh (N, h) temporaries are expensive on CPU: each one faults in new pages, which cost more
+# than the elementwise product that fills it. Temporaries that live only within one forward or one
+# backward therefore come from a small per-thread store, reused across calls and blocks (blocks
+# run one after another on a thread). Nothing from it is saved for backward or returned.
+_SCRATCH = threading.local()
+_SCRATCH_MAX_NUMEL = 1 << 18  # larger temporaries are allocated per call, not kept
+
+
+def _scratch(tag: object, shape: Sequence[int], like: Tensor) -> Tensor:
+    r"""An uninitialised tensor of ``shape`` (dtype and device of ``like``) for the temporary
+    ``tag``; ``tag=None`` gives a fresh tensor."""
+    if tag is None:
+        return like.new_empty(shape)
+    store = _SCRATCH.__dict__
+    buf = store.get(tag)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = like.new_empty(shape)
+        if buf.numel() <= _SCRATCH_MAX_NUMEL:
+            store[tag] = buf
+    return buf
+
+
 # -- activations ------------------------------------------------------------------------------
 # LipSwish: phi(z) = z s / 1.1 with s = sigmoid(beta z), t = s (1 - s), k = 2 + beta z (1 - 2 s):
 #   phi' = (s + beta z t) / 1.1, phi'' = beta t k / 1.1,
 #   d phi / d beta = z^2 t / 1.1, d phi' / d beta = z t k / 1.1.
 # ELU: phi = z (z > 0) else alpha (e^z - 1); phi' = 1 or alpha e^z; phi'' = 0 or alpha e^z.
 def _act(
-    kind: str, z: Tensor, beta: Tensor | None, alpha: float | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    r"""$\phi(z)$, $\phi'(z)$ and the sigmoid $s$ (LipSwish; ``None`` for ELU)."""
+    kind: str, z: Tensor, beta: Tensor | None, alpha: float | None, tag: object = None
+) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+    r"""$\phi(z)$, $\phi'(z)$ and, for LipSwish, $(\beta z, s, t)$ (``None`` for ELU); LipSwish
+    outputs are scratch tensors of ``tag`` (fresh if ``None``)."""
     if kind == "lipswish":
-        bz = z * beta
-        s = torch.sigmoid(bz)
-        a = torch.mul(z, s).div_(_LIPSWISH_SCALE)
-        t = torch.mul(s, s).neg_().add_(s)
-        d = torch.addcmul(s, bz, t).div_(_LIPSWISH_SCALE)
-        return a, d, s
+        shape = z.shape
+        bz = torch.mul(z, beta, out=_scratch(tag and (tag, "bz"), shape, z))
+        s = torch.sigmoid(bz, out=_scratch(tag and (tag, "s"), shape, z))
+        t = torch.addcmul(s, s, s, value=-1.0, out=_scratch(tag and (tag, "t"), shape, z))
+        a = torch.mul(z, s, out=_scratch(tag and (tag, "a"), shape, z)).div_(_LIPSWISH_SCALE)
+        d = torch.addcmul(s, bz, t, out=_scratch(tag and (tag, "d"), shape, z)).div_(_LIPSWISH_SCALE)
+        return a, d, (bz, s, t)
     pos = z > 0
     e = torch.exp(torch.clamp(z, max=0.0))
     return torch.where(pos, z, alpha * (e - 1)), torch.where(pos, torch.ones_like(z), alpha * e), None
 
 
 def _act_backward(
-    kind: str, z: Tensor, d: Tensor, s: Tensor | None, beta: Tensor | None,
-    da: Tensor | None, dd: Tensor | None,
+    kind: str, z: Tensor, d: Tensor, aux: tuple[Tensor, Tensor, Tensor] | None, beta: Tensor | None,
+    da: Tensor | None, dd: Tensor | None, tag: object,
 ) -> tuple[Tensor, Tensor | None]:
-    r"""Gradient w.r.t. $z$ (and $\beta$) of
-    $\langle \bar a, \phi(z)\rangle + \langle \bar d, \phi'(z)\rangle$."""
+    r"""Gradient w.r.t. $z$ (a scratch tensor of ``tag``) and $\beta$ of
+    $\langle \bar a, \phi(z)\rangle + \langle \bar d, \phi'(z)\rangle$ (``aux`` from :func:`_act`)."""
     if kind != "lipswish":
-        gz = None if da is None else da * d
+        gz = None if da is None else torch.mul(da, d, out=_scratch((tag, "gz"), d.shape, d))
         if dd is not None:
             second = torch.where(z > 0, torch.zeros_like(d), d)
             gz = second.mul_(dd) if gz is None else gz.addcmul_(second, dd)
         return gz, None
-    bz = z * beta
-    tt = torch.mul(s, s).neg_().add_(s).div_(_LIPSWISH_SCALE)  # t / 1.1
-    w = None
-    gz = None if da is None else da * d
+    bz, s, t = aux
+    beta_scaled = beta / _LIPSWISH_SCALE
+    gz = None if da is None else torch.mul(da, d, out=_scratch((tag, "gz"), d.shape, d))
+    h = None if da is None else torch.mul(da, z, out=_scratch((tag, "h"), d.shape, d))
     if dd is not None:
-        w = torch.mul(s, -2.0).add_(1.0).mul_(bz).add_(2.0).mul_(dd)  # k * dd
-        e = torch.mul(tt, w)
-        gz = e.mul_(beta) if gz is None else gz.addcmul_(e, beta)
-    if da is None:
-        if w is None:
-            return gz, None
-        h = w
-    else:
-        h = torch.mul(da, z)
-        if w is not None:
-            h.add_(w)
-    dbeta = torch.dot(h.mul_(z).reshape(-1), tt.reshape(-1))
+        w = torch.mul(s, -2.0, out=_scratch((tag, "k"), d.shape, d)).add_(1.0).mul_(bz).add_(2.0)
+        w.mul_(dd)  # k * dd
+        e = torch.mul(t, w, out=_scratch((tag, "e"), d.shape, d))
+        gz = e.mul_(beta_scaled) if gz is None else gz.addcmul_(e, beta_scaled)
+        h = w if h is None else h.add_(w)
+    if h is None:
+        return gz, None
+    dbeta = torch.dot(h.mul_(z).reshape(-1), t.reshape(-1)).div_(_LIPSWISH_SCALE)
     return gz, dbeta
 
 
@@ -176,10 +201,12 @@ class _Cache:
     zs: list[Tensor]  # pre-activations of the hidden layers
     acts: list[Tensor]  # activations (inputs of layers 2..L)
     ds: list[Tensor]  # phi'(z)
-    sig: list[Tensor | None]  # LipSwish sigmoids
+    aux: list[tuple[Tensor, Tensor, Tensor] | None]  # LipSwish (beta z, sigmoid, t)
 
 
-def _forward(mlp: FusedMLP, x: Tensor) -> tuple[Tensor, _Cache]:
+def _forward(mlp: FusedMLP, x: Tensor, scratch: bool = False) -> tuple[Tensor, _Cache]:
+    r"""$g(x)$ and the cache; with ``scratch`` the cached activations and slopes are scratch
+    tensors (valid until the next scratch use; the pre-activations and $g(x)$ are fresh)."""
     cache = _Cache(x, [], [], [], [])
     h = x
     n_layers = len(mlp.weights)
@@ -187,45 +214,52 @@ def _forward(mlp: FusedMLP, x: Tensor) -> tuple[Tensor, _Cache]:
         z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
         if i == n_layers - 1:
             return z, cache
-        a, d, sig = _act(mlp.kinds[i], z, mlp.betas[i], mlp.alphas[i])
+        a, d, aux = _act(mlp.kinds[i], z, mlp.betas[i], mlp.alphas[i], ("act", i) if scratch else None)
         cache.zs.append(z)
         cache.acts.append(a)
         cache.ds.append(d)
-        cache.sig.append(sig)
+        cache.aux.append(aux)
         h = a
     raise AssertionError("unreachable")
 
 
 def _recompute(mlp: FusedMLP, x: Tensor, zs: list[Tensor]) -> _Cache:
-    """The cache of :func:`_forward` from its pre-activations."""
+    """The cache of :func:`_forward` from its pre-activations (in scratch tensors)."""
     cache = _Cache(x, zs, [], [], [])
     for i, z in enumerate(zs):
-        a, d, sig = _act(mlp.kinds[i], z, mlp.betas[i], mlp.alphas[i])
+        a, d, aux = _act(mlp.kinds[i], z, mlp.betas[i], mlp.alphas[i], ("act", i))
         cache.acts.append(a)
         cache.ds.append(d)
-        cache.sig.append(sig)
+        cache.aux.append(aux)
     return cache
 
 
 def _vjp(mlp: FusedMLP, cache: _Cache, w: Tensor) -> Tensor:
-    r"""$J^\top w$ per sample (``w`` of shape ``(..., N, d)``)."""
-    t = _mm(w, mlp.weights[-1])
-    for layer in range(len(mlp.weights) - 2, -1, -1):
-        t = _mm(t.mul_(cache.ds[layer]), _colmajor(mlp.weights[layer]) if layer == 0 else mlp.weights[layer])
+    r"""$J^\top w$ per sample (``w`` of shape ``(..., N, d)``; fresh result, scratch inside)."""
+    n_layers = len(mlp.weights)
+    t = _mm(w, mlp.weights[-1], ("vjp", n_layers - 1) if n_layers > 1 else None)
+    for layer in range(n_layers - 2, -1, -1):
+        w_layer = _colmajor(mlp.weights[layer]) if layer == 0 else mlp.weights[layer]
+        t = _mm(t.mul_(cache.ds[layer]), w_layer, None if layer == 0 else ("vjp", layer))
     return t
 
 
 def _jvp(mlp: FusedMLP, cache: _Cache, b: Tensor) -> Tensor:
-    r"""$J b$ per sample (``b`` of shape ``(..., N, d)``)."""
-    p = _mm(b, mlp.weights[0].t())
-    for layer in range(1, len(mlp.weights)):
-        p = _mm(p.mul_(cache.ds[layer - 1]), mlp.weights[layer].t())
+    r"""$J b$ per sample (``b`` of shape ``(..., N, d)``; fresh result, scratch inside)."""
+    n_layers = len(mlp.weights)
+    p = _mm(b, mlp.weights[0].t(), ("jvp", 0) if n_layers > 1 else None)
+    for layer in range(1, n_layers):
+        p = _mm(p.mul_(cache.ds[layer - 1]), mlp.weights[layer].t(),
+                None if layer == n_layers - 1 else ("jvp", layer))
     return p
 
 
-def _mm(t: Tensor, w: Tensor) -> Tensor:
-    """``t @ w`` for ``t`` of shape ``(..., k)``, as one 2-D matmul (no batched copies of ``w``)."""
-    return (t.reshape(-1, t.shape[-1]) @ w).reshape(*t.shape[:-1], w.shape[-1])
+def _mm(t: Tensor, w: Tensor, tag: object = None) -> Tensor:
+    """``t @ w`` for ``t`` of shape ``(..., k)``, as one 2-D matmul (no batched copies of ``w``),
+    into a scratch tensor of ``tag`` (fresh if ``None``)."""
+    out = _scratch(tag, (*t.shape[:-1], w.shape[-1]), t)
+    torch.mm(t.reshape(-1, t.shape[-1]), w, out=out.view(-1, w.shape[-1]))
+    return out
 
 
 def _colmajor(w: Tensor) -> Tensor:
@@ -248,43 +282,46 @@ def _backward(
     mlp: FusedMLP, cache: _Cache, grad_gx: Tensor | None, a: Tensor | None, b: Tensor | None
 ) -> tuple[Tensor, list[Tensor]]:
     r"""Gradients of $\sum_n \langle \bar g_n, g(x_n)\rangle + \sum_{p,n} a_{pn}^\top J(x_n) b_{pn}$
-    with respect to $x$ and ``mlp.tensors()``; ``a``, ``b`` of shape ``(P, N, d)`` or ``None``."""
+    with respect to $x$ and ``mlp.tensors()``; ``a``, ``b`` of shape ``(P, N, d)`` or ``None``.
+    The returned gradients are fresh tensors; the temporaries are scratch."""
     n_layers = len(mlp.weights)
-    grad_w = [torch.zeros_like(w) for w in mlp.weights]
+    grad_w: list[Tensor | None] = [None] * n_layers
     grad_d: list[Tensor | None] = [None] * (n_layers - 1)
     if a is not None:
-        ps = [_mm(b, mlp.weights[0].t())]  # p_1 = W_1 b, then p_{l+1} = W_{l+1} D_l p_l
+        ps = [_mm(b, mlp.weights[0].t(), ("p", 0))]  # p_1 = W_1 b, then p_{l+1} = W_{l+1} D_l p_l
         qs = []
         for layer in range(1, n_layers):
-            qs.append(ps[-1] * cache.ds[layer - 1])
+            qs.append(torch.mul(ps[-1], cache.ds[layer - 1], out=_scratch(("q", layer), ps[-1].shape, b)))
             if layer < n_layers - 1:
-                ps.append(_mm(qs[-1], mlp.weights[layer].t()))
+                ps.append(_mm(qs[-1], mlp.weights[layer].t(), ("p", layer)))
         r = a
         for layer in range(n_layers - 1, -1, -1):
             below = b if layer == 0 else qs[layer - 1]
-            grad_w[layer] = grad_w[layer] + _outer(_flat(r), _flat(below))
+            grad_w[layer] = _outer(_flat(r), _flat(below))
             if layer == 0:
                 break
-            dq = _mm(r, mlp.weights[layer])
-            grad_d[layer - 1] = (dq * ps[layer - 1]).sum(0)
-            r = dq * cache.ds[layer - 1]
+            dq = _mm(r, mlp.weights[layer], ("dq", layer))
+            prod = ps[layer - 1].mul_(dq)  # p_{l} is not needed after this
+            grad_d[layer - 1] = prod[0] if prod.shape[0] == 1 else prod.sum(0)
+            r = dq.mul_(cache.ds[layer - 1])
     grad_b: list[Tensor | None] = [None] * n_layers
     grad_beta: list[Tensor | None] = [None] * (n_layers - 1)
     gz = grad_gx
     for layer in range(n_layers - 1, -1, -1):
         below = cache.x if layer == 0 else cache.acts[layer - 1]
         if gz is not None:
-            grad_w[layer] = grad_w[layer] + _outer(gz, below)
+            outer = _outer(gz, below)
+            grad_w[layer] = outer if grad_w[layer] is None else grad_w[layer].add_(outer)
             grad_b[layer] = gz.sum(0)
         if layer == 0:
             grad_x = _mm(gz, _colmajor(mlp.weights[0])) if gz is not None else torch.zeros_like(cache.x)
             break
         i = layer - 1
-        da = gz @ mlp.weights[layer] if gz is not None else None
-        gz, dbeta = _act_backward(mlp.kinds[i], cache.zs[i], cache.ds[i], cache.sig[i], mlp.betas[i],
-                                  da, grad_d[i])
+        da = _mm(gz, mlp.weights[layer], ("da", layer)) if gz is not None else None
+        gz, dbeta = _act_backward(mlp.kinds[i], cache.zs[i], cache.ds[i], cache.aux[i], mlp.betas[i],
+                                  da, grad_d[i], ("act_backward", i))
         grad_beta[i] = dbeta
-    grads = list(grad_w)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grad_w, mlp.weights)]
     grads += [torch.zeros_like(bias) if g is None else g
               for g, bias in zip(grad_b, mlp.biases) if bias is not None]
     grads += [torch.zeros_like(beta) if g is None else g.reshape(beta.shape)
@@ -307,7 +344,7 @@ def _exact_value(mlp: FusedMLP, cache: _Cache) -> tuple[Tensor, Tensor]:
     x = cache.x
     n, d = x.shape
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    jac = _jacobian(mlp, cache)
+    jac = _jacobian(mlp, cache, scratch=True)
     if d == 1:
         a = 1 + jac[:, 0, 0]
         return torch.log(a.abs()), (1 / a).reshape(n, 1, 1)
@@ -324,21 +361,30 @@ def _exact_value(mlp: FusedMLP, cache: _Cache) -> tuple[Tensor, Tensor]:
 def _series_value(spec: _Spec, cache: _Cache) -> tuple[Tensor, list[list[Tensor]]]:
     r"""Series estimate, and per probe what the gradient needs: the Neumann vector
     $\sum_k k\,c_k (J^\top)^{k-1} v / n_{\text{probes}}$ (``neumann_grad``: memory flat in the number
-    of terms), else the powers $(J^\top)^k v$, $k = 0..n-1$."""
+    of terms), else the powers $(J^\top)^k v$, $k = 0..n-1$.
+
+    When the dimension $d$ is below the number of products (terms times probes), the per-sample
+    Jacobian is formed first ($d$ Jacobian-vector products through the net) and each product is
+    a $d \times d$ one per sample; otherwise each product is a VJP through the net."""
     total = cache.x.new_zeros(cache.x.shape[0])
     scale = 1.0 / len(spec.probes)
     saved = []
+    jac = None
+    if cache.x.shape[1] < len(spec.coeffs) * len(spec.probes):
+        jac = _jacobian(spec.mlp, cache, scratch=True)
     for v in spec.probes:
         w, powers, neumann = v, [], torch.zeros_like(v)
+        series = torch.zeros_like(v)  # sum_k c_k (J^T)^k v, dotted with v once at the end
         for k, c in enumerate(spec.coeffs, start=1):
             if spec.neumann_grad:
                 neumann.add_(w, alpha=k * c * scale)
             else:
                 powers.append(w)
-            w = _vjp(spec.mlp, cache, w)
-            total = total + c * (w * v).sum(1)
+            w = _vjp(spec.mlp, cache, w) if jac is None else torch.bmm(w.unsqueeze(1), jac).squeeze(1)
+            series.add_(w, alpha=c)
+        total.add_(series.mul_(v).sum(1))
         saved.append([neumann] if spec.neumann_grad else powers)
-    return total * scale, saved
+    return total.mul_(scale), saved
 
 
 def _series_pairs(spec: _Spec, cache: _Cache, saved: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
@@ -361,7 +407,7 @@ class _FusedLogdet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, x: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
         spec = _Spec(spec.mlp.detached(), spec.method, spec.coeffs, spec.probes, spec.neumann_grad)
-        gx, cache = _forward(spec.mlp, x.detach())
+        gx, cache = _forward(spec.mlp, x.detach(), scratch=True)
         if spec.method == "exact":
             logdet, extra = _exact_value(spec.mlp, cache)
         else:
@@ -372,6 +418,7 @@ class _FusedLogdet(torch.autograd.Function):
         return gx, logdet
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_gx: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:
         spec = ctx.spec
         cache = _recompute(spec.mlp, ctx.x, ctx.zs)
@@ -450,13 +497,17 @@ def solver_net(mlp: FusedMLP) -> Callable[[Tensor], Tensor]:
 
 
 # -- Newton inverse -----------------------------------------------------------------------------
-def _jacobian(mlp: FusedMLP, cache: _Cache, rows: Tensor | None = None) -> Tensor:
+def _jacobian(mlp: FusedMLP, cache: _Cache, rows: Tensor | None = None, scratch: bool = False) -> Tensor:
     r"""Per-sample Jacobian ``(N, d, d)`` (of the samples ``rows`` if given): column $j$ is
-    $J e_j$, whose first product $\tilde W_1 e_j$ is a column of $\tilde W_1$ (no matmul)."""
+    $J e_j$, whose first product $\tilde W_1 e_j$ is a column of $\tilde W_1$ (no matmul).
+    With ``scratch`` the hidden-layer temporaries are scratch tensors (the result is fresh)."""
     ds = cache.ds if rows is None else [d.index_select(0, rows) for d in cache.ds]
     p = mlp.weights[0].t().unsqueeze(1)  # (d, 1, h_1)
-    for layer in range(1, len(mlp.weights)):
-        p = _mm(p * ds[layer - 1], mlp.weights[layer].t())
+    n_layers = len(mlp.weights)
+    for layer in range(1, n_layers):
+        d = ds[layer - 1]
+        q = torch.mul(p, d, out=_scratch(("jac_q", layer) if scratch else None, (p.shape[0], *d.shape), d))
+        p = _mm(q, mlp.weights[layer].t(), ("jac_p", layer) if scratch and layer < n_layers - 1 else None)
     if p.shape[1] == 1:  # a single linear layer: the same J for every sample
         p = p.expand(-1, cache.x.shape[0] if rows is None else rows.shape[0], -1)
     return p.permute(1, 2, 0)
@@ -552,6 +603,7 @@ class _NewtonInverse(torch.autograd.Function):
         return x
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         _, cache = _forward(ctx.mlp, x)

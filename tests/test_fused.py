@@ -58,6 +58,9 @@ def test_matches_generic_path(logdet: str, neumann_grad: bool, memory_efficient:
         ([4, 10, 4], "lipswish", {"logdet": "unbiased", "roulette": "poisson", "lam": 3.0,
                                   "n_roulette_draws": 4, "probe": "rademacher"}),
         ([3, 3], "lipswish", {"logdet": "series", "n_terms": 4}),  # no hidden layer
+        # d >= terms x probes: the series runs on VJPs instead of the per-sample Jacobian
+        ([6, 16, 16, 6], "lipswish", {"logdet": "series", "n_terms": 3}),
+        ([6, 16, 16, 6], "elu", {"logdet": "series", "n_terms": 2, "neumann_grad": False}),
     ],
 )
 def test_matches_generic_path_other_nets(dims: list[int], activation: str, options: dict) -> None:
