@@ -29,6 +29,7 @@ import time
 
 import normflows as nf
 import torch
+from memory import peak_allocated_mib
 
 from pyro_iresnet import LipschitzMLP, ResidualBlock
 
@@ -140,21 +141,6 @@ def part_a(args: argparse.Namespace) -> None:
         )
     iters = [b.last_diagnostics.inverse.iterations for b in ours]
     print(f"\nours inverse iterations per block: {iters}")
-
-
-def peak_allocated_mib(fn) -> float:
-    """Peak of the bytes held by torch tensors allocated during ``fn()`` (relative to its start):
-    the running sum of the allocations and frees recorded by ``torch.profiler`` with
-    ``profile_memory=True``, in time order."""
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 2**20
 
 
 def scaling_config(config: dict) -> dict:

@@ -29,6 +29,7 @@ import time
 
 import normflows as nf
 import torch
+from memory import peak_allocated_mib
 
 from pyro_iresnet import LipschitzMLP, ResidualBlock
 
@@ -163,20 +164,6 @@ def step_times(trainers: dict[str, Trainer], data: torch.Generator, batch: int, 
                 trainer.step(x)
             clocks[name].append(clock)
     return {k: _summary(v) for k, v in clocks.items()}
-
-
-def peak_allocated_mib(fn) -> float:
-    """Peak of the bytes held by torch tensors allocated during ``fn()`` (relative to its start):
-    the running sum of the allocations and frees recorded by ``torch.profiler`` with
-    ``profile_memory=True``, in time order."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        fn()
-    current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 2**20
 
 
 def peak_memory(which: str, args: argparse.Namespace) -> float:
