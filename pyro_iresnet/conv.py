@@ -164,11 +164,8 @@ class SpectralNormConv2d(_SpectralNorm):
             )
         self.padding = kernel_size // 2
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=self.padding, bias=bias)
-        self.weight = nn.Parameter(conv.weight.detach().clone())
-        self.bias = nn.Parameter(conv.bias.detach().clone()) if bias else None
-        self.register_buffer("u", torch.empty(out_channels, *self.input_shape[1:]))
-        self.register_buffer("v", torch.empty(self.input_shape))
-        self._init_spectral_norm(coeff, n_power_iterations)
+        u_shape = (out_channels, *self.input_shape[1:])
+        self._init_spectral_norm(conv, u_shape, self.input_shape, coeff, n_power_iterations)
 
     def _apply_op(self, w: Tensor, x: Tensor) -> Tensor:
         return F.conv2d(x.unsqueeze(0), w, padding=self.padding).squeeze(0)

@@ -126,7 +126,7 @@ def _anderson(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tuple[Tensor,
         plain = torch.zeros_like(alpha)
         plain[:, slot] = 1.0
         usable = (status == 0) & torch.isfinite(alpha).all(1).squeeze(-1)
-        alpha = torch.where(usable[:, None, None], alpha, plain[:, :k])
+        alpha = torch.where(usable[:, None, None], alpha, plain)
         x = (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1)
     gx = fixed_point_map(x)
     return gx.view_as(y), SolveInfo(max_iter, (gx - x).abs().amax(1), False)

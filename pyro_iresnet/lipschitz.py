@@ -58,7 +58,20 @@ class _SpectralNorm(nn.Module):
     u: Tensor
     v: Tensor
 
-    def _init_spectral_norm(self, coeff: float, n_power_iterations: int) -> None:
+    def _init_spectral_norm(
+        self,
+        template: nn.Module,
+        u_shape: Sequence[int],
+        v_shape: Sequence[int],
+        coeff: float,
+        n_power_iterations: int,
+    ) -> None:
+        """Take the weight and bias of a freshly initialised torch layer ``template``, register the
+        power-iteration buffers and converge them to within 1% of the exact norm."""
+        self.weight = nn.Parameter(template.weight.detach().clone())
+        self.bias = None if template.bias is None else nn.Parameter(template.bias.detach().clone())
+        self.register_buffer("u", torch.empty(*u_shape))
+        self.register_buffer("v", torch.empty(*v_shape))
         self.coeff = check_unit_interval("coeff", coeff)
         self.n_power_iterations = check_positive_int("n_power_iterations", n_power_iterations)
         self._frozen = False
@@ -155,11 +168,7 @@ class SpectralNormLinear(_SpectralNorm):
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
         linear = nn.Linear(in_features, out_features, bias=bias)
-        self.weight = nn.Parameter(linear.weight.detach().clone())
-        self.bias = nn.Parameter(linear.bias.detach().clone()) if bias else None
-        self.register_buffer("u", torch.empty(out_features))
-        self.register_buffer("v", torch.empty(in_features))
-        self._init_spectral_norm(coeff, n_power_iterations)
+        self._init_spectral_norm(linear, (out_features,), (in_features,), coeff, n_power_iterations)
 
     @staticmethod
     def _apply_op(w: Tensor, x: Tensor) -> Tensor:
