@@ -16,14 +16,16 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["Diagnostics", "ResidualBlock"]
+__all__ = ["Diagnostics", "ResidualBlock", "name_blocks"]
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .errors import (
+    NonFiniteError,
     check_choice,
     check_finite,
     check_positive_int,
@@ -43,6 +45,7 @@ from .logdet import (
 )
 
 LOGDET_METHODS = ("unbiased", "series", "exact")
+_CREATION_ORDER = itertools.count()
 EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 
 
@@ -54,6 +57,16 @@ class Diagnostics:
         logdet_method: Estimator used (``"exact"``, ``"series"`` or ``"unbiased"``), or ``None``.
         n_terms: Series terms evaluated (``None`` for ``"exact"``).
         inverse: The last inverse solve's iterations and residuals, or ``None``.
+
+    Examples:
+        >>> from pyro_iresnet import LipschitzMLP, ResidualBlock
+        >>> block = ResidualBlock(LipschitzMLP([2, 8, 2]), logdet="series", n_terms=5)
+        >>> _ = block.forward_and_logdet(torch.randn(3, 2))
+        >>> block.last_diagnostics
+        Diagnostics(logdet_method='series', n_terms=5, inverse=None)
+        >>> _ = block.inverse(torch.randn(3, 2))
+        >>> block.last_diagnostics.inverse.converged
+        True
     """
 
     logdet_method: str | None = None
@@ -66,7 +79,12 @@ class ResidualBlock(nn.Module):
 
     The explicit direction is $x \mapsto y$; the inverse solves $x + g(x) = y$ by fixed-point
     iteration (or Anderson acceleration) with an implicit gradient. The log-det of the explicit
-    map is estimated per sample by one of three estimators:
+    map,
+
+    $$ \log\Big|\det\frac{\partial y}{\partial x}\Big| = \log\det(I + J_g(x))
+       = \sum_{k \ge 1} \frac{(-1)^{k+1}}{k} \operatorname{tr}\big(J_g(x)^k\big), $$
+
+    is estimated per sample by one of three estimators:
 
     * ``"exact"``: full Jacobian and ``slogdet``; intended up to a few dozen dimensions.
     * ``"series"``: first ``n_terms`` terms of $\sum_k (-1)^{k+1}\operatorname{tr}(J^k)/k$ with
@@ -75,8 +93,10 @@ class ResidualBlock(nn.Module):
 
     In ``eval()`` mode the estimator is ``eval_logdet``: ``"auto"`` (default) means exact when the
     event has at most ``exact_max_dim`` entries, else the training estimator ``logdet``; any other
-    value forces that estimator. Spectral normalisation runs one round of power iteration per
-    training-mode call (forward or inverse) and is frozen within the call and its backward.
+    value forces that estimator. Spectral normalisation runs one round of power iteration
+    (``n_power_iterations`` steps, skipped while the weights are unchanged since the last round) at
+    the start of every training-mode call (forward, log-det or inverse) and is frozen within the
+    call and its backward.
 
     Args:
         net: The residual function $g$, mapping ``(N, *event)`` to ``(N, *event)`` sample-wise.
@@ -92,11 +112,13 @@ class ResidualBlock(nn.Module):
         probe: ``"gaussian"`` or ``"rademacher"``.
         exact_trace: Series traces from the full Jacobian instead of Hutchinson probes.
         neumann_grad: Gradient through the Neumann series (memory flat in the number of terms).
-        memory_efficient: Compute the log-det gradients in the forward pass (backward-in-forward).
+        memory_efficient: Compute the log-det gradients in the forward pass (backward-in-forward);
+            affects the generic path only (the fused path's backward is already memory-flat).
         eval_logdet: Estimator in ``eval()`` mode, see above.
         exact_max_dim: Largest event size for which ``eval_logdet="auto"`` is exact.
-        atol: Inverse residual tolerance (default: 1e-6 in float32, 1e-12 in float64).
-        rtol: Inverse tolerance relative to $\|y\|_\infty$.
+        atol: Inverse residual tolerance (default from :func:`~pyro_iresnet.inverse.default_tolerances`:
+            1e-6 in float32, 1e-12 in float64).
+        rtol: Inverse tolerance relative to $\|y\|_\infty$ (default 1e-6 in float32, 1e-13 in float64).
         max_iter: Iteration cap of the inverse and of its adjoint.
         inverse_method: ``"fixed_point"``, ``"anderson"``, or ``"newton"`` (safeguarded Newton with
             the exact Jacobian and an exactly solved adjoint, :func:`~pyro_iresnet.fused.newton_inverse`;
@@ -109,6 +131,17 @@ class ResidualBlock(nn.Module):
             draws). ``"auto"`` (default) uses it whenever ``net`` is a supported ``LipschitzMLP``
             and the call has no context and ``exact_trace=False``; ``True`` requires a supported
             ``net``; ``False`` always uses the generic autograd path.
+
+    Raises:
+        TypeError: If ``net`` is not an ``nn.Module`` or an integer option is not an int.
+        ValueError: If an option is out of range or not one of its choices, or ``fused=True`` /
+            ``inverse_method="newton"`` is asked for with an unsupported ``net``.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019),
+        https://arxiv.org/abs/1906.02735
 
     Examples:
         >>> from pyro_iresnet import LipschitzMLP, ResidualBlock
@@ -191,7 +224,9 @@ class ResidualBlock(nn.Module):
                 f"fused != False), got net {type(net).__name__} and fused={fused!r}"
             )
         self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
+        self.context_dim: int | None = getattr(net, "context_dim", None)
         self.last_diagnostics = Diagnostics()
+        self.name = f"#{next(_CREATION_ORDER)}"  # see name_blocks
 
     @property
     def residual_net(self) -> nn.Module:
@@ -219,7 +254,15 @@ class ResidualBlock(nn.Module):
     def _params(self) -> list[Tensor]:
         return [p for p in self.net.parameters() if p.requires_grad]
 
+    def _checks_values(self, x: Tensor) -> bool:
+        return bool(self.check_finite or (self.check_finite is None and x.device.type == "cpu"))
+
+    def _describe(self, name: str) -> str:
+        role = {"x": "input to the forward map", "y": "input to the inverse"}.get(name)
+        return name if role is None else f"{name} ({role} of residual block {self.name})"
+
     def _check_tensor(self, x: Tensor, name: str) -> None:
+        name = self._describe(name)
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -230,8 +273,20 @@ class ResidualBlock(nn.Module):
                 f"{name} has dtype {x.dtype} but the block's parameters are {param.dtype}; "
                 f"convert one of them (e.g. block.to({x.dtype}))"
             )
-        if self.check_finite or (self.check_finite is None and x.device.type == "cpu"):
+        if self._checks_values(x):
             check_finite(name, x)
+
+    def _check_logdet(self, logdet: Tensor) -> Tensor:
+        """Raise :class:`~pyro_iresnet.NonFiniteError` naming this block if the log-det holds NaN/Inf."""
+        if self._checks_values(logdet) and not bool(torch.isfinite(logdet).all()):
+            bad = int((~torch.isfinite(logdet)).sum())
+            raise NonFiniteError(
+                f"log-det of residual block {self.name} is not finite in {bad} of {logdet.numel()} samples "
+                "(NaN/Inf weights or activations: lower the learning rate, check the loss of the previous "
+                "step and lipschitz_bound of the block; blocks are numbered in creation order unless "
+                "pyro_iresnet.name_blocks(model) named them by position)"
+            )
+        return logdet
 
     def _prepare(
         self, x: Tensor, name: str, context: Tensor | None
@@ -244,18 +299,19 @@ class ResidualBlock(nn.Module):
         event_shape = tuple(x.shape[x.dim() - self.event_dim:]) if x.dim() >= self.event_dim else None
         if event_shape is None or (self.event_shape is not None and event_shape != tuple(self.event_shape)):
             expected = "(..., " + ", ".join(map(str, self.event_shape or ("*",) * self.event_dim)) + ")"
-            raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+            raise ValueError(f"{self._describe(name)} must have shape {expected}, got {tuple(x.shape)}")
         batch_shape = x.shape[: x.dim() - self.event_dim]
         if context is None:
             return x.reshape(-1, *event_shape), None, batch_shape, x.shape
         self._check_tensor(context, "context")
-        if context.dim() < 1:
-            raise ValueError(f"context must have shape (..., context_dim), got {tuple(context.shape)}")
+        if context.dim() < 1 or (self.context_dim is not None and context.shape[-1] != self.context_dim):
+            expected = "context_dim" if self.context_dim is None else self.context_dim
+            raise ValueError(f"context must have shape (..., {expected}), got {tuple(context.shape)}")
         try:
             batch_shape = torch.broadcast_shapes(batch_shape, context.shape[:-1])
         except RuntimeError:
             raise ValueError(
-                f"{name} batch shape {tuple(batch_shape)} does not broadcast with context shape "
+                f"{self._describe(name)} batch shape {tuple(batch_shape)} does not broadcast with context shape "
                 f"{tuple(context.shape)}"
             ) from None
         full_shape = batch_shape + event_shape
@@ -317,7 +373,20 @@ class ResidualBlock(nn.Module):
 
     # -- public API ------------------------------------------------------------------------
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """The explicit map $y = x + g(x)$, for ``x`` of shape ``(..., *event)``."""
+        """The explicit map $y = x + g(x)$, for ``x`` of shape ``(..., *event)``.
+
+        Args:
+            x: Inputs of shape ``(..., *event)``.
+            context: For a conditional $g(x, c)$: context of shape ``(..., context_dim)``,
+                broadcast against the batch shape of ``x``.
+
+        Returns:
+            $y$ of the broadcast shape ``(..., *event)``.
+
+        Raises:
+            TypeError: If ``x`` is not a floating tensor of the parameters' dtype.
+            ValueError: If a shape is wrong, or ``x`` holds NaN/Inf (see ``check_finite``).
+        """
         x_flat, context, _, shape = self._prepare(x, "x", context)
         if self.training:
             self.refresh_lipschitz()
@@ -326,30 +395,51 @@ class ResidualBlock(nn.Module):
     def forward_and_logdet(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$y = x + g(x)$ and $\log|\det \partial y/\partial x|$ of the batch shape.
 
+        The log-det is $\log\det(I + J_g(x))$, estimated by the estimator of the current mode
+        (``logdet`` in training, ``eval_logdet`` in ``eval()``); :attr:`last_diagnostics` records
+        which one ran and how many terms.
+
         Args:
             x: Inputs of shape ``(..., *event)``.
             context: For a conditional $g(x, c)$: context of shape ``(..., context_dim)``,
                 broadcast against the batch shape of ``x``.
+
+        Returns:
+            $y$ of shape ``(..., *event)`` and the log-det of the batch shape ``(...)``.
         """
         x_flat, context, batch_shape, shape = self._prepare(x, "x", context)
         if self.training:
             self.refresh_lipschitz()
         gx, logdet = self._logdet_flat(x_flat, context)
-        return (x_flat + gx).reshape(shape), logdet.reshape(batch_shape)
+        return (x_flat + gx).reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
 
     def logdet(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        r"""$\log|\det(I + J_g(x))|$ of the batch shape."""
+        r"""$\log|\det(I + J_g(x))|$ of the batch shape (the second output of
+        :meth:`forward_and_logdet`; the same arguments)."""
         return self.forward_and_logdet(x, context)[1]
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
-        """$x$ with $x + g(x) = y$, differentiable in $y$, the context and $g$'s parameters
+        r"""$x$ with $x + g(x) = y$, differentiable in $y$, the context and $g$'s parameters
         (implicit gradient).
+
+        Solved by ``inverse_method`` until $\|x + g(x) - y\|_\infty \le \mathrm{atol} +
+        \mathrm{rtol}\,\|y\|_\infty$ per sample; the backward solves the adjoint equation
+        $u = \bar x - J_g^\top u$ instead of differentiating through the iterations.
+        :attr:`last_diagnostics` ``.inverse`` holds the iterations and residuals.
+
+        Args:
+            y: Outputs of shape ``(..., *event)``.
+            context: For a conditional $g(x, c)$: context of shape ``(..., context_dim)``.
+
+        Returns:
+            $x$ of shape ``(..., *event)``.
 
         Warns:
             ConvergenceWarning: A sample did not reach the tolerance in ``max_iter`` iterations.
 
         Raises:
             ConvergenceError: The same, with ``strict=True``.
+            ValueError: If ``inverse_method="newton"`` is used with a context.
         """
         y_flat, context, _, shape = self._prepare(y, "y", context)
         if self.training:
@@ -385,13 +475,21 @@ class ResidualBlock(nn.Module):
 
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
-        inverse map's log-det)."""
+        inverse map's log-det).
+
+        Args:
+            y: Outputs of shape ``(..., *event)``.
+            context: For a conditional $g(x, c)$: context of shape ``(..., context_dim)``.
+
+        Returns:
+            $x$ of shape ``(..., *event)`` and $\log\det(I + J_g(x))$ of the batch shape.
+        """
         x = self.inverse(y, context)
         info = self.last_diagnostics.inverse
         x_flat, context, batch_shape, _ = self._prepare(x, "x", context)
         _, logdet = self._logdet_flat(x_flat, context)
         self.last_diagnostics.inverse = info
-        return x, logdet.reshape(batch_shape)
+        return x, self._check_logdet(logdet).reshape(batch_shape)
 
     def extra_repr(self) -> str:
         return (
@@ -401,3 +499,52 @@ class ResidualBlock(nn.Module):
         )
 
 
+def name_blocks(model: object, prefix: str = "") -> list[str]:
+    """Name every :class:`ResidualBlock` inside ``model`` by its position, for error messages.
+
+    A block's ``name`` appears in the errors it raises (non-finite inputs, a non-finite log-det).
+    By default it is the block's creation index in this process; after ``name_blocks(model)`` it is
+    ``"k of n (path)"``, with ``k`` the block's index among the model's residual blocks in module
+    order and ``path`` its qualified module name.
+
+    Args:
+        model: An ``nn.Module`` (a flow, a ``normflows.NormalizingFlow``, a Pyro
+            ``TransformModule``), a Pyro ``ComposeTransform`` or its ``.inv``, a
+            ``TransformedDistribution``, or a sequence of them.
+        prefix: Prepended to every path.
+
+    Returns:
+        The names given, in order.
+
+    Examples:
+        >>> from pyro_iresnet import iresnet, name_blocks
+        >>> flow = torch.nn.ModuleList([iresnet(2) for _ in range(3)])
+        >>> name_blocks(flow, prefix="flow")
+        ['0 of 3 (flow.0.block)', '1 of 3 (flow.1.block)', '2 of 3 (flow.2.block)']
+    """
+    found: list[tuple[str, ResidualBlock]] = []
+
+    def visit(obj: object, path: str) -> None:
+        if isinstance(obj, nn.Module):
+            found.extend(
+                (".".join(filter(None, (path, sub))), m)
+                for sub, m in obj.named_modules()
+                if isinstance(m, ResidualBlock)
+            )
+        elif isinstance(obj, (list, tuple)):
+            for i, item in enumerate(obj):
+                visit(item, ".".join(filter(None, (path, str(i)))))
+        elif isinstance(getattr(obj, "block", None), ResidualBlock):  # a conditioned transform
+            found.append((path, obj.block))
+        elif hasattr(obj, "parts"):  # ComposeTransform
+            visit(list(obj.parts), path)
+        elif hasattr(obj, "transforms"):  # TransformedDistribution
+            visit(list(obj.transforms), ".".join(filter(None, (path, "transforms"))))
+        elif hasattr(obj, "_inv") and obj._inv is not None:  # a transform's .inv
+            visit(obj._inv, path)
+
+    visit(model, prefix)
+    unique = list({id(block): (path, block) for path, block in found}.values())
+    for k, (path, block) in enumerate(unique):
+        block.name = f"{k} of {len(unique)} ({path})"
+    return [block.name for _, block in unique]

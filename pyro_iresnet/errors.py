@@ -9,6 +9,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "LipschitzWarning",
+    "NonFiniteError",
     "check_choice",
     "check_finite",
     "check_positive_int",
@@ -21,21 +22,99 @@ from torch import Tensor
 
 
 class ConvergenceWarning(RuntimeWarning):
-    """An iterative solve (the fixed-point inverse or its adjoint) stopped at ``max_iter``
-    before its residual met the tolerance."""
+    r"""An iterative solve (the fixed-point inverse or its adjoint) stopped at ``max_iter``
+    before its residual met the tolerance.
+
+    The rule: every sample must reach $\|x + g(x) - y\|_\infty \le \mathrm{atol} +
+    \mathrm{rtol}\,\|y\|_\infty$. The message names the worst residual, the iterations and the
+    block's Lipschitz estimate, and suggests raising ``max_iter``, loosening ``atol``/``rtol`` or
+    lowering ``coeff``.
+
+    Examples:
+        >>> import warnings
+        >>> from pyro_iresnet.inverse import fixed_point_inverse
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     x, info = fixed_point_inverse(lambda x: 0.9 * torch.tanh(x), torch.ones(2, 3), max_iter=2)
+        >>> [w.category.__name__ for w in caught], info.converged
+        (['ConvergenceWarning'], False)
+    """
 
 
 class LipschitzWarning(RuntimeWarning):
-    """A certified Lipschitz bound of a residual function is not below 1: the block may not be
-    invertible (power iteration lagging behind the weights, or an uncertified layer)."""
+    r"""A certified Lipschitz bound of a residual function is not below 1: the block may not be
+    invertible (power iteration lagging behind the weights, or an uncertified layer).
+
+    The rule: $y = x + g(x)$ is invertible when $\mathrm{Lip}(g) < 1$, and
+    :func:`~pyro_iresnet.lipschitz_bound` warns when its certificate is $\ge 1$.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+    Examples:
+        >>> import warnings
+        >>> from pyro_iresnet import ResidualBlock, lipschitz_bound
+        >>> block = ResidualBlock(torch.nn.Identity())  # Lip(g) = 1: not a contraction
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     bound = lipschitz_bound(block)
+        >>> bound, [w.category.__name__ for w in caught]
+        (1.0, ['LipschitzWarning'])
+    """
 
 
 class ConvergenceError(RuntimeError):
-    """Raised instead of :class:`ConvergenceWarning` when a solve runs with ``strict=True``."""
+    """Raised instead of :class:`ConvergenceWarning` when a solve runs with ``strict=True``.
+
+    Examples:
+        >>> from pyro_iresnet.inverse import fixed_point_inverse
+        >>> fixed_point_inverse(lambda x: 0.9 * torch.tanh(x), torch.ones(2, 3), max_iter=2, strict=True)
+        Traceback (most recent call last):
+            ...
+        pyro_iresnet.errors.ConvergenceError: fixed-point inverse did not converge in 2 iterations: ...
+    """
+
+
+class NonFiniteError(FloatingPointError):
+    """A residual block produced a NaN or Inf log-det (typically after a diverging optimiser step).
+
+    The message names the block (see :func:`~pyro_iresnet.name_blocks`); the check runs where
+    ``check_finite`` applies (CPU tensors by default, every device with ``check_finite=True``).
+
+    Examples:
+        >>> from pyro_iresnet import ResidualBlock, LipschitzMLP
+        >>> block = ResidualBlock(LipschitzMLP([2, 8, 2]), logdet="exact").eval()
+        >>> with torch.no_grad():
+        ...     _ = block.net.layers[0].bias.fill_(float("nan"))  # a diverged parameter
+        >>> block.forward_and_logdet(torch.randn(3, 2))
+        Traceback (most recent call last):
+            ...
+        pyro_iresnet.errors.NonFiniteError: log-det of residual block ... is not finite in 3 of 3 samples ...
+    """
 
 
 def check_unit_interval(name: str, value: float) -> float:
-    """Require ``0 < value < 1`` (e.g. the Lipschitz target ``coeff``)."""
+    """Require ``0 < value < 1`` (e.g. the Lipschitz target ``coeff``).
+
+    Args:
+        name: Argument name used in the message.
+        value: The value to check.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (``bool`` included).
+        ValueError: If ``value`` is outside $(0, 1)$.
+
+    Examples:
+        >>> check_unit_interval("coeff", 0.9)
+        0.9
+        >>> check_unit_interval("coeff", 1.2)
+        Traceback (most recent call last):
+            ...
+        ValueError: coeff must be in (0, 1), got 1.2
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
     if not 0.0 < value < 1.0:
@@ -44,7 +123,27 @@ def check_unit_interval(name: str, value: float) -> float:
 
 
 def check_probability(name: str, value: float) -> float:
-    """Require ``0 < value <= 1``."""
+    """Require ``0 < value <= 1`` (e.g. the geometric roulette's success probability ``p``).
+
+    Args:
+        name: Argument name used in the message.
+        value: The value to check.
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (``bool`` included).
+        ValueError: If ``value`` is outside $(0, 1]$.
+
+    Examples:
+        >>> check_probability("p", 1)
+        1.0
+        >>> check_probability("p", 0.0)
+        Traceback (most recent call last):
+            ...
+        ValueError: p must be in (0, 1], got 0.0
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
     if not 0.0 < value <= 1.0:
@@ -53,7 +152,32 @@ def check_probability(name: str, value: float) -> float:
 
 
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
-    """Require an integer ``>= minimum``."""
+    """Require an integer ``>= minimum``.
+
+    Args:
+        name: Argument name used in the message.
+        value: The value to check.
+        minimum: Smallest allowed value.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: If ``value`` is not an ``int`` (``bool`` and ``float`` rejected).
+        ValueError: If ``value < minimum``.
+
+    Examples:
+        >>> check_positive_int("n_terms", 5)
+        5
+        >>> check_positive_int("n_exact_terms", -1, minimum=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: n_exact_terms must be >= 0, got -1
+        >>> check_positive_int("n_terms", 2.0)
+        Traceback (most recent call last):
+            ...
+        TypeError: n_terms must be an int, got float
+    """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
@@ -62,14 +186,49 @@ def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """Require ``value`` to be one of ``choices``."""
+    """Require ``value`` to be one of ``choices``.
+
+    Args:
+        name: Argument name used in the message.
+        value: The value to check.
+        choices: The allowed values.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: If ``value`` is not in ``choices``.
+
+    Examples:
+        >>> check_choice("probe", "gaussian", ("gaussian", "rademacher"))
+        'gaussian'
+        >>> check_choice("probe", "normal", ("gaussian", "rademacher"))
+        Traceback (most recent call last):
+            ...
+        ValueError: probe must be one of ('gaussian', 'rademacher'), got 'normal'
+    """
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
 def check_finite(name: str, x: Tensor) -> None:
-    """Raise ``ValueError`` if ``x`` holds NaN or Inf (this reads the tensor: a host sync on GPUs)."""
+    r"""Raise ``ValueError`` if ``x`` holds NaN or Inf (this reads the tensor: a host sync on GPUs).
+
+    Args:
+        name: Description of ``x`` used in the message.
+        x: Tensor of any shape.
+
+    Raises:
+        ValueError: If an entry of ``x`` is NaN or $\pm\infty$; the message counts both.
+
+    Examples:
+        >>> check_finite("x", torch.ones(3))
+        >>> check_finite("x", torch.tensor([1.0, float("nan"), float("inf")]))
+        Traceback (most recent call last):
+            ...
+        ValueError: x must be finite, got 1 NaN and 1 Inf entries
+    """
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

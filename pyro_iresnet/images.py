@@ -88,6 +88,12 @@ class Squeeze(TransformModule):
     (channel $4c + 2i + j$ holds pixel $(2h + i, 2w + j)$ of channel $c$, as in normflows). A
     permutation: exact inverse, log-det 0.
 
+    Raises:
+        ValueError: If the input is not ``(..., C, H, W)`` with even $H$ and $W$.
+
+    References:
+        Density estimation using Real NVP (Dinh et al., 2017), https://arxiv.org/abs/1605.08803
+
     Examples:
         >>> Squeeze()(torch.randn(5, 1, 8, 8)).shape
         torch.Size([5, 4, 4, 4])
@@ -119,7 +125,24 @@ class Squeeze(TransformModule):
 
 
 class Unsqueeze(Squeeze):
-    r"""Depth-to-space $(4C, H, W) \to (C, 2H, 2W)$, the inverse of :class:`Squeeze`."""
+    r"""Depth-to-space $(4C, H, W) \to (C, 2H, 2W)$, the inverse of :class:`Squeeze`.
+
+    Pixel $(2h + i, 2w + j)$ of channel $c$ is read from channel $4c + 2i + j$ at $(h, w)$; a
+    permutation with log-det 0.
+
+    Raises:
+        ValueError: If the input is not ``(..., C, H, W)`` with $C$ divisible by 4.
+
+    References:
+        Density estimation using Real NVP (Dinh et al., 2017), https://arxiv.org/abs/1605.08803
+
+    Examples:
+        >>> x = torch.randn(5, 1, 8, 8)
+        >>> Unsqueeze()(torch.randn(5, 4, 4, 4)).shape
+        torch.Size([5, 1, 8, 8])
+        >>> torch.equal(Unsqueeze()(Squeeze()(x)), x)
+        True
+    """
 
     def _call(self, x: Tensor) -> Tensor:
         return _depth_to_space(x)
@@ -223,6 +246,12 @@ class LogitTransform(TransformModule):
         levels: Number of intensity levels $K$ (17 for sklearn digits, 256 for 8-bit images).
         alpha: Margin $\alpha \in (0, 1/2)$ keeping $p$ away from 0 and 1.
 
+    Raises:
+        ValueError: If ``levels`` is below 2 or ``alpha`` is outside $(0, 1/2)$.
+
+    References:
+        Density estimation using Real NVP (Dinh et al., 2017), https://arxiv.org/abs/1605.08803
+
     Examples:
         >>> t = LogitTransform(levels=17)
         >>> v = dequantize(torch.randint(0, 17, (4, 1, 8, 8)).double())
@@ -263,7 +292,30 @@ class LogitTransform(TransformModule):
 
 def dequantize(x: Tensor) -> Tensor:
     r"""Uniform dequantisation $v = x + u$, $u \sim U[0, 1)$ (torch's RNG), of integer-valued data
-    $x \in \{0, \dots, K - 1\}$; $v \in [0, K)$ is the input of :class:`LogitTransform`."""
+    $x \in \{0, \dots, K - 1\}$; $v \in [0, K)$ is the input of :class:`LogitTransform`.
+
+    Maximising the density of $v$ maximises a lower bound of the discrete log-likelihood,
+    $\mathbb{E}_u[\log p(x + u)] \le \log P(x)$.
+
+    Args:
+        x: Integer-valued data in a floating dtype, any shape.
+
+    Returns:
+        $v$, shaped like ``x``.
+
+    Raises:
+        TypeError: If ``x`` does not have a floating dtype.
+
+    References:
+        A note on the evaluation of generative models (Theis et al., 2016),
+        https://arxiv.org/abs/1511.01844
+
+    Examples:
+        >>> x = torch.randint(0, 17, (4, 1, 8, 8)).float()
+        >>> v = dequantize(x)
+        >>> bool((v.floor() == x).all())
+        True
+    """
     if not x.is_floating_point():
         raise TypeError(f"x must have a floating dtype, got {x.dtype}")
     return x + torch.rand_like(x)
@@ -271,7 +323,30 @@ def dequantize(x: Tensor) -> Tensor:
 
 def bits_per_dim(log_prob: Tensor, num_dims: int) -> Tensor:
     r"""$-\log p / (D \ln 2)$ for log-densities on the integer intensity scale (see the module
-    docstring), elementwise."""
+    docstring), elementwise.
+
+    $$ \mathrm{bpd} = -\frac{\log p(v)}{D \ln 2}. $$
+
+    Args:
+        log_prob: Log-densities $\log p(v)$ of any shape (e.g. ``(N,)``).
+        num_dims: Number of dimensions $D = C H W$ per sample.
+
+    Returns:
+        Bits per dimension, shaped like ``log_prob``.
+
+    Raises:
+        ValueError: If ``num_dims`` is below 1.
+
+    References:
+        Density estimation using Real NVP (Dinh et al., 2017), https://arxiv.org/abs/1605.08803
+
+    Examples:
+        A uniform model over $K = 17$ levels has $\log_2 17$ bits per dimension:
+
+        >>> log_prob = torch.tensor([-64 * math.log(17.0)])
+        >>> round(float(bits_per_dim(log_prob, num_dims=64)), 4)
+        4.0875
+    """
     return -log_prob / (check_positive_int("num_dims", num_dims) * math.log(2.0))
 
 
@@ -282,9 +357,26 @@ class FactorOut(TransformModule):
     scale ending in :class:`Unsqueeze`); the others leave the flow here and are latent variables
     at this resolution. Log-det: that of ``inner``, served from a cache for the pair just produced.
 
+    $$ \log\Big|\det\frac{\partial y}{\partial x}\Big|
+       = \log\Big|\det\frac{\partial f(x_{1:k})}{\partial x_{1:k}}\Big|. $$
+
     Args:
         inner: Shape-preserving image transform on ``(keep_channels, H, W)``.
-        keep_channels: Channels $k$ passed on.
+        keep_channels: Channels $k$ passed on; inputs ``(..., C, H, W)`` need $C > k$.
+
+    Raises:
+        TypeError: If ``inner`` is not a module.
+        ValueError: If an input has no more than ``keep_channels`` channels.
+
+    References:
+        Density estimation using Real NVP (Dinh et al., 2017), https://arxiv.org/abs/1605.08803
+
+    Examples:
+        >>> t = FactorOut(ActNorm(2), keep_channels=2)
+        >>> x = torch.randn(5, 4, 4, 4)
+        >>> y = t(x)
+        >>> torch.equal(y[:, 2:], x[:, 2:]), t.log_abs_det_jacobian(x, y).shape
+        (True, torch.Size([5]))
     """
 
     domain = _IMAGE
@@ -339,6 +431,10 @@ def conv_iresnet(
     r"""An :class:`~pyro_iresnet.InvertibleResidual` on images (``event_dim=3``) whose residual net
     is a :class:`~pyro_iresnet.LipschitzCNN` ``C -> hidden -> ... -> C``.
 
+    The block is $y = x + g(x)$ with $g = \tilde A_L \circ \phi \circ \dots \circ \phi \circ \tilde A_1$
+    and $\mathrm{Lip}(g) \lesssim c^L$; its log-det $\log\det(I + J_g(x))$ comes from the estimator
+    chosen by ``logdet``.
+
     Args:
         input_shape: $(C, H, W)$; the block maps it to itself.
         hidden_channels: Width of every hidden layer, or one width per hidden layer
@@ -347,6 +443,13 @@ def conv_iresnet(
         **options: ``coeff`` (default 0.97), ``activation``, ``n_power_iterations`` for the net;
             everything else goes to :class:`~pyro_iresnet.ResidualBlock` (``logdet``, ``n_terms``,
             ``atol``, ``inverse_method``, ...).
+
+    Raises:
+        ValueError: If ``input_shape`` is not three positive ints, ``hidden_channels`` has the
+            wrong length, ``event_dim`` is passed, or an option is out of range.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> t = conv_iresnet((2, 4, 4), hidden_channels=8, logdet="exact")
@@ -380,8 +483,26 @@ class MultiscaleTransform(TransformModule):
     ``log_prob(x)`` runs only the explicit maps and their log-dets, and ``sample`` runs the
     fixed-point inverses (with implicit gradients).
 
+    With $x = f(z)$ and $f^{-1}$ the encoder,
+
+    $$ \log p(x) = \log p_Z(f^{-1}(x)) + \log\Big|\det\frac{\partial f^{-1}(x)}{\partial x}\Big|, $$
+
+    and ``log_abs_det_jacobian(z, x)`` is minus the encoder's log-det at $x$.
+
     Args:
         encoder: Image transform from data to latents of the same shape.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+    Examples:
+        >>> encoder = ComposeTransformModule(
+        ...     [Squeeze(), conv_iresnet((4, 2, 2), hidden_channels=8, logdet="exact"), Unsqueeze()])
+        >>> t = MultiscaleTransform(encoder)
+        >>> x = torch.randn(3, 1, 4, 4)
+        >>> z = t.inv(x)  # the explicit direction
+        >>> z.shape, t.log_abs_det_jacobian(z, x).shape
+        (torch.Size([3, 1, 4, 4]), torch.Size([3]))
     """
 
     bijective = True
@@ -467,6 +588,16 @@ def multiscale_iresnet(
 
     Returns:
         A transform from latents to data; its ``encoder`` maps data to latents explicitly.
+
+    Raises:
+        ValueError: If $H$ or $W$ is not divisible by $2^{n_\text{scales}}$, or an option is out
+            of range.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+        Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018),
+        https://arxiv.org/abs/1807.03039
 
     Examples:
         >>> import pyro.distributions as dist

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .block import ResidualBlock
 from .conv import conv_operator_norm
-from .errors import check_probability
+from .errors import check_choice, check_positive_int, check_probability
 from .lipschitz import lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
@@ -66,7 +66,16 @@ def _block_options(
     n_exact_terms: int,
     n_dist: str,
 ) -> dict[str, Any]:
-    """normflows' arguments as :class:`~pyro_iresnet.ResidualBlock` options."""
+    """normflows' arguments as :class:`~pyro_iresnet.ResidualBlock` options (validated under
+    normflows' names, so errors name the argument the user passed)."""
+    check_probability("geom_p", geom_p)
+    if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not lamb > 0:
+        raise ValueError(f"lamb must be a float > 0, got {lamb!r}")
+    if n_power_series is not None:
+        check_positive_int("n_power_series", n_power_series)
+    check_positive_int("n_samples", n_samples)
+    check_positive_int("n_exact_terms", n_exact_terms, minimum=0)
+    check_choice("n_dist", n_dist, ("geometric", "poisson"))
     if brute_force:
         logdet = "exact"
     elif n_power_series is not None:
@@ -178,6 +187,15 @@ class Residual(Flow):
             they take precedence over the mapped arguments. ``event_dim`` defaults to
             ``len(net.event_shape)``, else 3 for 2-d convolutional nets, else 1.
 
+    Raises:
+        TypeError: If ``net`` is not an ``nn.Module``.
+        ValueError: If an argument is out of range (named as normflows names it) or an input does
+            not have the ``(batch, *event)`` layout.
+
+    References:
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019),
+        https://arxiv.org/abs/1906.02735
+
     Examples:
         >>> import normflows as nf, torch
         >>> from pyro_iresnet import LipschitzMLP
@@ -238,8 +256,15 @@ class Residual(Flow):
         self.block.lam = float(value)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Sampling direction: $f^{-1}$ (fixed point) if ``reverse`` else $f$; returns
+        r"""Sampling direction: $f^{-1}$ (fixed point) if ``reverse`` else $f$; returns
         ``(z', log_det)`` with ``log_det`` of shape ``(batch,)``.
+
+        Args:
+            z: Inputs of shape ``(batch, *event)``.
+
+        Returns:
+            ``z'`` of shape ``(batch, *event)`` and $\log|\det \partial z'/\partial z|$ of shape
+            ``(batch,)``.
 
         Warns:
             ConvergenceWarning: The fixed point did not reach its tolerance in ``max_iter``.
@@ -247,7 +272,14 @@ class Residual(Flow):
         return self._solve(z) if self.reverse else self._explicit(z)
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Density direction: $f$ if ``reverse`` else $f^{-1}$; returns ``(z', log_det)``.
+        r"""Density direction: $f$ if ``reverse`` else $f^{-1}$; returns ``(z', log_det)``.
+
+        Args:
+            z: Inputs of shape ``(batch, *event)``.
+
+        Returns:
+            ``z'`` of shape ``(batch, *event)`` and $\log|\det \partial z'/\partial z|$ of shape
+            ``(batch,)``.
 
         Warns:
             ConvergenceWarning: The fixed point did not reach its tolerance in ``max_iter``.
@@ -364,6 +396,9 @@ def multiscale_normalizing_flow(input_shape: tuple[int, int, int], **options: An
 
     Returns:
         A ``normflows.NormalizingFlow``.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> model = multiscale_normalizing_flow((1, 8, 8), hidden_channels=8, levels=17)

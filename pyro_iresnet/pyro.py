@@ -123,7 +123,12 @@ class InvertibleResidual(_ResidualTransform, TransformModule):
     Explicit direction: $x \mapsto y$, with the log-det from the block's estimator (cached for the
     pair just produced). Inverse direction (``.inv``): fixed-point iteration with implicit
     gradients. Use ``t`` for sampling/VI and ``ComposeTransform(blocks).inv`` for density
-    estimation (see the module docstring).
+    estimation (see the module docstring). In a ``TransformedDistribution``,
+
+    $$ \log p_Y(y) = \log p_X(x) - \log\det(I + J_g(x)), \qquad y = x + g(x). $$
+
+    ``domain = codomain = real_vector``; with ``event_dim=3`` (images, see
+    :func:`~pyro_iresnet.conv_iresnet`) both are ``independent(real, 3)``.
 
     Caching (``cache_size=1``): ``log_abs_det_jacobian(x, y)`` on the pair just returned by ``t(x)``
     is the log-det drawn in that call (no second estimator draw); any other pair is estimated
@@ -135,6 +140,12 @@ class InvertibleResidual(_ResidualTransform, TransformModule):
         cache_size: Pyro/torch transform cache size (1 keeps the last pair).
         **options: Options of :class:`~pyro_iresnet.ResidualBlock` (``logdet``, ``n_terms``,
             ``atol``, ``inverse_method``, ...).
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019),
+        https://arxiv.org/abs/1906.02735
 
     Examples:
         >>> import pyro.distributions as dist
@@ -159,8 +170,21 @@ class InvertibleResidual(_ResidualTransform, TransformModule):
 
 
 class ConditionedInvertibleResidual(_ResidualTransform, Transform):
-    """An :class:`InvertibleResidual` with a fixed context (from
-    :meth:`ConditionalInvertibleResidual.condition`)."""
+    r"""An :class:`InvertibleResidual` with a fixed context (from
+    :meth:`ConditionalInvertibleResidual.condition`): $x \mapsto x + g(x, c)$ for the stored $c$.
+
+    Args:
+        block: The conditional block, shared with the :class:`ConditionalInvertibleResidual`.
+        context: Context $c$ of shape ``(..., context_dim)``, broadcast against the batch shape.
+        cache_size: Pyro/torch transform cache size (1 keeps the last pair).
+
+    Examples:
+        >>> t = conditional_iresnet(2, 3).condition(torch.randn(3))
+        >>> x = torch.randn(4, 2)
+        >>> y = t(x)
+        >>> torch.allclose(t.inv(y.clone()), x, atol=1e-4)  # a copy of y: a real solve, not the cache
+        True
+    """
 
     domain = constraints.real_vector
     codomain = constraints.real_vector
@@ -175,9 +199,28 @@ class ConditionedInvertibleResidual(_ResidualTransform, Transform):
 class ConditionalInvertibleResidual(ConditionalTransformModule):
     r"""Conditional i-ResNet block $y = x + g(x, c)$ with $\mathrm{Lip}_x(g) < 1$ for every context.
 
+    For each context $c$ the map is an i-ResNet block in $x$, so
+
+    $$ \log p(y \mid c) = \log p(x \mid c) - \log\det(I + J_{g(\cdot, c)}(x)). $$
+
+    ``condition(c)`` returns a :class:`ConditionedInvertibleResidual` sharing this block.
+
     Args:
         net: Module called as ``net(x, context)``, e.g. :class:`ConcatContextNet`.
         **options: Options of :class:`~pyro_iresnet.ResidualBlock`.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+    Examples:
+        >>> import pyro.distributions as dist
+        >>> net = ConcatContextNet(LipschitzMLP([2 + 3, 16, 2], coeff=0.9), context_dim=3)
+        >>> t = ConditionalInvertibleResidual(net, logdet="exact")
+        >>> base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+        >>> flow = dist.ConditionalTransformedDistribution(base, [t]).condition(torch.randn(3))
+        >>> x = flow.sample((4,))
+        >>> x.shape, flow.log_prob(x).shape
+        (torch.Size([4, 2]), torch.Size([4]))
     """
 
     def __init__(self, net: nn.Module, **options: Any) -> None:
@@ -195,11 +238,20 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
 
 class ConcatContextNet(nn.Module):
     r"""$g(x, c) = \mathrm{net}([x, c])$. Since $\|[\tilde W_x, \tilde W_c]\|_2 \ge \|\tilde W_x\|_2$,
-    a Lipschitz ``net`` is a contraction in $x$ for every context $c$.
+    a Lipschitz ``net`` is a contraction in $x$ for every context $c$:
+
+    $$ \mathrm{Lip}_x(g(\cdot, c)) \le \mathrm{Lip}(\mathrm{net}) < 1. $$
 
     Args:
         net: Network on ``input_dim + context_dim`` features returning ``input_dim``.
         context_dim: Size of the context.
+
+    Examples:
+        >>> g = ConcatContextNet(LipschitzMLP([2 + 3, 16, 2], coeff=0.9), context_dim=3)
+        >>> g(torch.randn(4, 2), torch.randn(4, 3)).shape
+        torch.Size([4, 2])
+        >>> g.lipschitz_constant() < 1
+        True
     """
 
     def __init__(self, net: nn.Module, context_dim: int) -> None:
@@ -213,7 +265,8 @@ class ConcatContextNet(nn.Module):
         return self.net(torch.cat([x, context], dim=-1))
 
     def lipschitz_constant(self) -> float:
-        """Certified Lipschitz constant in $(x, c)$, hence in $x$."""
+        """Certified Lipschitz constant in $(x, c)$, hence in $x$ (:func:`~pyro_iresnet.lipschitz_bound`
+        of ``net``)."""
         return lipschitz_bound(self.net)
 
 
@@ -222,8 +275,19 @@ def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return net_options, options
 
 
-def _default_hidden_dims(input_dim: int) -> list[int]:
-    return [max(64, 4 * input_dim)] * 2
+def _hidden_dims(hidden_dims: Sequence[int] | None, input_dim: int) -> list[int]:
+    """``hidden_dims`` checked (a non-empty sequence of positive ints), or the default two layers of
+    ``max(64, 4 d)``."""
+    if hidden_dims is None:
+        return [max(64, 4 * input_dim)] * 2
+    if isinstance(hidden_dims, (str, bytes)) or not isinstance(hidden_dims, Sequence):
+        raise TypeError(f"hidden_dims must be a sequence of ints, got {type(hidden_dims).__name__}")
+    if not hidden_dims:
+        raise ValueError("hidden_dims must hold at least one hidden layer size, got []")
+    for size in hidden_dims:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"hidden_dims must hold positive ints, got {list(hidden_dims)}")
+    return list(hidden_dims)
 
 
 def iresnet(input_dim: int, hidden_dims: Sequence[int] | None = None, **options: Any) -> InvertibleResidual:
@@ -235,13 +299,24 @@ def iresnet(input_dim: int, hidden_dims: Sequence[int] | None = None, **options:
         **options: ``coeff`` (default 0.97), ``activation``, ``n_power_iterations`` for the net;
             everything else goes to :class:`~pyro_iresnet.ResidualBlock`.
 
+    Returns:
+        The transform $x \mapsto x + g(x)$ with $g$ a ``LipschitzMLP([d, *hidden_dims, d])``,
+        $\mathrm{Lip}(g) \lesssim c^{L}$ ($L$ = ``len(hidden_dims) + 1`` layers).
+
+    Raises:
+        TypeError: If ``input_dim`` is not an int or ``hidden_dims`` not a sequence of ints.
+        ValueError: If a size is below 1 or an option is out of range.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
     Examples:
         >>> t = iresnet(3, coeff=0.9, logdet="exact")
         >>> t(torch.randn(5, 3)).shape
         torch.Size([5, 3])
     """
     check_positive_int("input_dim", input_dim)
-    hidden = list(_default_hidden_dims(input_dim) if hidden_dims is None else hidden_dims)
+    hidden = _hidden_dims(hidden_dims, input_dim)
     net_options, block_options = _split_options(dict(options))
     net = LipschitzMLP([input_dim, *hidden, input_dim], **net_options)
     return InvertibleResidual(net, **block_options)
@@ -258,6 +333,17 @@ def conditional_iresnet(
         hidden_dims: Hidden layer sizes (default two layers of ``max(64, 4 d)``).
         **options: As for :func:`iresnet`.
 
+    Returns:
+        The conditional transform $x \mapsto x + g(x, c)$ with $g$ a :class:`ConcatContextNet` over
+        ``LipschitzMLP([d + context_dim, *hidden_dims, d])``.
+
+    Raises:
+        TypeError: If a size is not an int or ``hidden_dims`` not a sequence of ints.
+        ValueError: If a size is below 1 or an option is out of range.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
     Examples:
         >>> t = conditional_iresnet(2, 3)
         >>> t.condition(torch.randn(3))(torch.randn(4, 2)).shape
@@ -265,7 +351,7 @@ def conditional_iresnet(
     """
     check_positive_int("input_dim", input_dim)
     check_positive_int("context_dim", context_dim)
-    hidden = list(_default_hidden_dims(input_dim) if hidden_dims is None else hidden_dims)
+    hidden = _hidden_dims(hidden_dims, input_dim)
     net_options, block_options = _split_options(dict(options))
     mlp = LipschitzMLP([input_dim + context_dim, *hidden, input_dim], **net_options)
     return ConditionalInvertibleResidual(ConcatContextNet(mlp, context_dim), **block_options)

@@ -104,12 +104,14 @@ def test_context_broadcasts_and_round_trips() -> None:
 @pytest.mark.parametrize(
     "make_input, error, match",
     [
-        (lambda: torch.randn(4, 2, dtype=DTYPE), ValueError, r"x must have shape \(\.\.\., 3\), got \(4, 2\)"),
-        (lambda: torch.randn(4, 3), TypeError, "x has dtype torch.float32 but the block's parameters are"),
-        (lambda: torch.ones(4, 3, dtype=torch.int64), TypeError, "x must have a floating dtype"),
+        (lambda: torch.randn(4, 2, dtype=DTYPE), ValueError,
+         r"x \(input .*\) must have shape \(\.\.\., 3\), got \(4, 2\)"),
+        (lambda: torch.randn(4, 3), TypeError,
+         r"x \(input .*\) has dtype torch.float32 but the block's parameters are"),
+        (lambda: torch.ones(4, 3, dtype=torch.int64), TypeError, r"x \(input .*\) must have a floating dtype"),
         (lambda: torch.tensor([[0.0, float("nan"), 1.0]], dtype=DTYPE), ValueError,
-         "x must be finite, got 1 NaN and 0 Inf"),
-        (lambda: [[0.0, 1.0, 2.0]], TypeError, "x must be a torch.Tensor"),
+         r"x \(input .*\) must be finite, got 1 NaN and 0 Inf"),
+        (lambda: [[0.0, 1.0, 2.0]], TypeError, r"x \(input .*\) must be a torch.Tensor"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(make_input, error: type, match: str) -> None:

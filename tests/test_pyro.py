@@ -423,7 +423,7 @@ def test_svi_raises_elbo_and_predictive() -> None:
 # -- bad input -------------------------------------------------------------------------------
 def test_bad_input_errors() -> None:
     t = iresnet(2)
-    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 2\), got \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"x \(input .*\) must have shape \(\.\.\., 2\), got \(4, 3\)"):
         t(torch.randn(4, 3))
     with pytest.raises(ValueError, match="shape"):
         t.inv(torch.randn(4, 3))
