@@ -100,7 +100,7 @@ def main() -> None:
         if torch.isfinite(loss):
             loss.backward()
             optimizer.step()
-        progress.set_postfix(loss=f"{float(loss):.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}")
     elapsed = time.perf_counter() - start
 
     nll = heldout_nll(model, test)

@@ -33,7 +33,7 @@ from .errors import (
 )
 from .fused import fused_logdet, fused_mlp, newton_inverse, solver_net, supports_fused
 from .inverse import SolveInfo, fixed_point_inverse
-from .lipschitz import frozen_spectral_norm, lipschitz_estimate, refresh_spectral_norm
+from .lipschitz import frozen_spectral_norm, lipschitz_bound, refresh_spectral_norm
 from .logdet import (
     backward_in_forward,
     draw_probes,
@@ -251,6 +251,14 @@ class ResidualBlock(nn.Module):
         with frozen_spectral_norm(self.net):
             return fused_mlp(self.net)
 
+    def _certified_lipschitz(self) -> float | None:
+        """:func:`~pyro_iresnet.lipschitz_bound` of $g$ for non-convergence messages (None if $g$ has a
+        layer it cannot certify)."""
+        try:
+            return lipschitz_bound(self.net)
+        except TypeError:
+            return None
+
     def _params(self) -> list[Tensor]:
         return [p for p in self.net.parameters() if p.requires_grad]
 
@@ -452,7 +460,7 @@ class ResidualBlock(nn.Module):
                 fast = self._fused_net(None)
             x, info = newton_inverse(
                 fast, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
-                lipschitz=lambda: lipschitz_estimate(self.net),
+                lipschitz=self._certified_lipschitz,
             )
             self.last_diagnostics = Diagnostics(inverse=info)
             return x.reshape(shape)
@@ -468,7 +476,7 @@ class ResidualBlock(nn.Module):
         x, info = fixed_point_inverse(
             g, y_flat, params, context=context,
             atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, method=self.inverse_method,
-            strict=self.strict, lipschitz=lambda: lipschitz_estimate(self.net),
+            strict=self.strict, lipschitz=self._certified_lipschitz,
         )
         self.last_diagnostics = Diagnostics(inverse=info)
         return x.reshape(shape)

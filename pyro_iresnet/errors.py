@@ -27,7 +27,7 @@ class ConvergenceWarning(RuntimeWarning):
 
     The rule: every sample must reach $\|x + g(x) - y\|_\infty \le \mathrm{atol} +
     \mathrm{rtol}\,\|y\|_\infty$. The message names the worst residual, the iterations and the
-    block's Lipschitz estimate, and suggests raising ``max_iter``, loosening ``atol``/``rtol`` or
+    block's certified Lipschitz bound, and suggests raising ``max_iter``, loosening ``atol``/``rtol`` or
     lowering ``coeff``.
 
     Examples:

@@ -708,7 +708,7 @@ def newton_inverse(
         rtol: Tolerance relative to $\|y\|_\infty$ per sample.
         max_iter: Iteration cap.
         strict: Raise :class:`~pyro_iresnet.ConvergenceError` instead of warning.
-        lipschitz: Lipschitz estimate of $g$ for the non-convergence message.
+        lipschitz: Returns a Lipschitz bound of $g$ (or None) for the non-convergence message.
 
     Returns:
         $x$ of shape ``(N, d)`` and a :class:`~pyro_iresnet.inverse.SolveInfo`.

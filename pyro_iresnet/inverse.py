@@ -35,6 +35,8 @@ from .errors import ConvergenceError, ConvergenceWarning, check_choice, check_po
 Net = Callable[[Tensor], Tensor]
 
 _ANDERSON_MEMORY = 5
+_PROGRESS_WINDOW = 50  # plain iterations between progress checks
+_PROGRESS_FACTOR = 0.5  # the worst residual must at least halve per window, else Anderson takes over
 _ANDERSON_RIDGE = 1e-10
 
 
@@ -96,8 +98,14 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
     """$x \\leftarrow y - g(x)$; converged samples leave the batch (per-sample early exit), and so do
     diverged ones (a NaN/Inf iterate cannot recover; they are reported as not converged).
 
+    Every ``_PROGRESS_WINDOW`` iterations the worst residual of the remaining samples must have
+    halved; if not (a contraction factor near 1, or float32 rounding, which the plain iteration
+    amplifies by about $1/(1 - L)$), Anderson acceleration finishes those samples within the
+    remaining iteration budget.
+
     ``g(x_rows, rows)`` evaluates $g$ on the rows ``rows`` of the batch."""
     x = y.clone()
+    window_worst = None
     residual = torch.full_like(tol, float("inf"))
     active = torch.arange(y.shape[0], device=y.device)
     for iteration in range(1, max_iter + 1):
@@ -110,11 +118,31 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
         if bool(done.all()):
             return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
         active = active[~done]
+        if iteration % _PROGRESS_WINDOW == 0 and iteration < max_iter:
+            worst = residual[active].max()
+            if window_worst is not None and bool(worst > _PROGRESS_FACTOR * window_worst):
+                return _finish_with_anderson(g, y, x, residual, tol, active, iteration, max_iter)
+            window_worst = worst
     return x, SolveInfo(max_iter, residual, False)
 
 
-def _anderson(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tuple[Tensor, SolveInfo]:
-    r"""Anderson acceleration of $G(x) = y - g(x)$ (type II, memory 5, undamped)."""
+def _finish_with_anderson(
+    g: RowNet, y: Tensor, x: Tensor, residual: Tensor, tol: Tensor, active: Tensor, iteration: int, max_iter: int
+) -> tuple[Tensor, SolveInfo]:
+    """Anderson acceleration on the ``active`` rows, from their current iterates."""
+    x_rows, info = _anderson(
+        lambda z, rows: g(z, active[rows]), y[active], tol[active], max_iter - iteration, x0=x[active]
+    )
+    x[active] = x_rows
+    residual[active] = info.residual
+    return x, SolveInfo(iteration + info.iterations, residual, info.converged)
+
+
+def _anderson(
+    g: RowNet, y: Tensor, tol: Tensor, max_iter: int, x0: Tensor | None = None
+) -> tuple[Tensor, SolveInfo]:
+    r"""Anderson acceleration of $G(x) = y - g(x)$ (type II, memory 5, undamped), from ``x0``
+    (default $y$)."""
     n, m = y.shape[0], _ANDERSON_MEMORY
     flat_y = y.reshape(n, -1)
     xs = flat_y.new_zeros(n, m, flat_y.shape[1])
@@ -124,7 +152,7 @@ def _anderson(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tuple[Tensor,
         return flat_y - g(x_flat.view_as(y), rows).reshape(n, -1)
 
     rows = torch.arange(n, device=y.device)
-    x = flat_y.clone()
+    x = (flat_y if x0 is None else x0.reshape(n, -1)).clone()
     for iteration in range(1, max_iter + 1):
         gx = fixed_point_map(x)
         residual = (gx - x).abs().amax(1)
@@ -161,8 +189,8 @@ def _report(info: SolveInfo, what: str, strict: bool, lipschitz: float | None) -
     else:
         outcome = f"did not converge in {info.iterations} iterations: worst residual {float(info.residual.max()):.3e}"
     message = (
-        f"{what} {outcome} (Lipschitz estimate of g: {lip}; certify it with pyro_iresnet.lipschitz_bound, "
-        "a bound >= 1 means the block is not invertible); raise max_iter, loosen atol/rtol or lower coeff"
+        f"{what} {outcome} (Lipschitz bound of g: {lip}; a bound >= 1 means the block may not be "
+        "invertible); raise max_iter, loosen atol/rtol or lower coeff"
     )
     if strict:
         raise ConvergenceError(message)
@@ -252,7 +280,7 @@ def fixed_point_inverse(
         method: ``"fixed_point"`` (Banach iteration with per-sample early exit) or
             ``"anderson"`` (Anderson acceleration).
         strict: Raise :class:`ConvergenceError` instead of warning when not converged.
-        lipschitz: Returns a Lipschitz estimate of $g$ for the non-convergence message.
+        lipschitz: Returns a Lipschitz bound of $g$ (or None) for the non-convergence message.
 
     Returns:
         $x$ of shape ``(N, *event)`` and a :class:`SolveInfo`.

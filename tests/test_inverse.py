@@ -112,7 +112,7 @@ def test_non_convergence_warns_with_details_and_strict_raises() -> None:
     net = make_active_mlp([4, 16, 4], 0.98, torch.float64)
     y = 3 * torch.randn(5, 4, dtype=torch.float64)
     block = ResidualBlock(net, max_iter=2).eval()
-    with pytest.warns(ConvergenceWarning, match=r"2 iterations.*worst residual.*Lipschitz estimate"):
+    with pytest.warns(ConvergenceWarning, match=r"2 iterations.*worst residual.*Lipschitz bound of g"):
         block.inverse(y)
     assert not block.last_diagnostics.inverse.converged
     strict = ResidualBlock(net, max_iter=2, strict=True).eval()

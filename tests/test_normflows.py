@@ -118,11 +118,14 @@ def check_warns_when_not_converged(cls: type) -> None:
     """(3b) a solve that cannot converge is never silent."""
     net = nn.Linear(2, 2, bias=False).double()
     with torch.no_grad():
-        net.weight.copy_(-1.05 * torch.eye(2))  # Lip(g) = 1.05: no contraction
+        net.weight.copy_(-torch.eye(2))  # Lip(g) = 1 and x + g(x) = 0: no solution for y != 0
     layer = cls(net).double().eval()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        layer(torch.randn(4, 2, dtype=torch.float64))
+        try:
+            layer(torch.randn(4, 2, dtype=torch.float64))
+        except FloatingPointError:  # then the log-det, log|det(I + J_g)| = log 0, is refused too
+            pass
     assert any(issubclass(w.category, ConvergenceWarning) for w in caught)
 
 
