@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def held_out_nll() -> float:
         """Exact-log-det NLL of the shared test set, computed on rank 0 with ``ddp.module`` (no
-        collectives, eval mode, so no power iteration on rank 0 alone)."""
+        collectives; eval mode settles rank 0's power iteration, and the next DDP forward
+        broadcasts rank 0's buffers to every rank)."""
         model.eval()
         with torch.no_grad():
             nll = float(model(test))

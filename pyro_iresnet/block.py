@@ -240,8 +240,8 @@ class ResidualBlock(nn.Module):
             return self.net(x) if context is None else self.net(x, context)
 
     def refresh_lipschitz(self) -> None:
-        """Power iteration on $g$'s layers, run by every training-mode call (a no-op while the
-        weights are unchanged since the last refresh)."""
+        """Power iteration on $g$'s layers (see :func:`~pyro_iresnet.lipschitz.refresh_spectral_norm`),
+        run by every call; a no-op while the weights are unchanged since the last refresh."""
         refresh_spectral_norm(self.net)
 
     def _fused_net(self, context: Tensor | None):
@@ -396,8 +396,7 @@ class ResidualBlock(nn.Module):
             ValueError: If a shape is wrong, or ``x`` holds NaN/Inf (see ``check_finite``).
         """
         x_flat, context, _, shape = self._prepare(x, "x", context)
-        if self.training:
-            self.refresh_lipschitz()
+        self.refresh_lipschitz()
         return (x_flat + self.g(x_flat, context)).reshape(shape)
 
     def forward_and_logdet(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -416,8 +415,7 @@ class ResidualBlock(nn.Module):
             $y$ of shape ``(..., *event)`` and the log-det of the batch shape ``(...)``.
         """
         x_flat, context, batch_shape, shape = self._prepare(x, "x", context)
-        if self.training:
-            self.refresh_lipschitz()
+        self.refresh_lipschitz()
         gx, logdet = self._logdet_flat(x_flat, context)
         return (x_flat + gx).reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
 
@@ -450,8 +448,7 @@ class ResidualBlock(nn.Module):
             ValueError: If ``inverse_method="newton"`` is used with a context.
         """
         y_flat, context, _, shape = self._prepare(y, "y", context)
-        if self.training:
-            self.refresh_lipschitz()
+        self.refresh_lipschitz()
         params = self._params() if torch.is_grad_enabled() else []
         if self.inverse_method == "newton":
             if context is not None:

@@ -77,6 +77,7 @@ class _SpectralNorm(nn.Module):
         self.n_power_iterations = check_positive_int("n_power_iterations", n_power_iterations)
         self._frozen = False
         self._refreshed_for: tuple[int, int] | None = None
+        self._settled_for: tuple[int, int] | None = None
         self._buffers_match = (self.weight,)  # the Parameter object u and v were computed for
         with torch.no_grad():
             self.u.copy_(_normalize(torch.randn_like(self.u)))
@@ -98,19 +99,30 @@ class _SpectralNorm(nn.Module):
         self.v.copy_(_normalize(self._apply_adjoint(w, self.u)))
         self.u.copy_(_normalize(self._apply_op(w, self.v)))
 
+    def _settle_rtol(self) -> float:
+        return max(1e-6, 100 * torch.finfo(self.weight.dtype).eps)
+
     @torch.no_grad()
     def refresh(self) -> None:
-        """Run ``n_power_iterations`` power-iteration steps, once per change of the weight.
+        r"""Bring the power iteration up to date with the weight, once per change of the weight.
 
-        Repeated calls with unchanged weights (e.g. a forward and then an inverse between two
-        optimiser steps) leave the operator as it is, so round trips are exact in training mode.
+        In training mode: ``n_power_iterations`` steps (cheap; the estimate may lag behind fast-moving
+        weights). In ``eval()``: iterate until $\tilde\sigma$ is within 1e-6 of the exact norm (100 ulp
+        in lower precisions), so that a model evaluated or sampled after training applies
+        $\|\tilde W\| \le c$ up to that tolerance. Repeated calls with unchanged weights (e.g. a
+        forward and then an inverse) leave the operator as it is, so round trips are exact.
         """
         version = (self.weight.data_ptr(), self.weight._version)
+        if not self.training:
+            if version != self._settled_for:
+                self._converge_power_iteration(rtol=self._settle_rtol())
+                self._settled_for = version
+            return
         if version == self._refreshed_for:
             return
         for _ in range(self.n_power_iterations):
             self._power_step()
-        self._refreshed_for = (self.weight.data_ptr(), self.weight._version)
+        self._refreshed_for = version
 
     def _match_buffers(self) -> None:
         r"""Re-converge ``u`` and ``v`` when the weight Parameter was replaced by another object.
@@ -127,7 +139,7 @@ class _SpectralNorm(nn.Module):
         same_values = previous.shape == self.weight.shape and previous.device == self.weight.device and bool(
             torch.equal(previous.detach(), self.weight.detach()))
         if not same_values:
-            self._converge_power_iteration(rtol=max(1e-6, 100 * torch.finfo(self.weight.dtype).eps))
+            self._converge_power_iteration(rtol=self._settle_rtol())
             self._refreshed_for = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -157,6 +169,8 @@ class _SpectralNorm(nn.Module):
             return raw / max(1.0, sigma / self.coeff)
 
     def _maybe_refresh(self) -> None:
+        """A layer called on its own refreshes in training mode only; residual blocks also settle it
+        in ``eval()`` (see :meth:`refresh`)."""
         if self.training and not self._frozen:
             self.refresh()
 
@@ -172,8 +186,10 @@ class SpectralNormLinear(_SpectralNorm):
 
     Power iteration runs automatically: ``n_power_iterations`` steps in the first training-mode
     forward after each change of the weight (e.g. each optimiser step; not while frozen by
-    :func:`frozen_spectral_norm`), none in ``eval()``. At construction it iterates
-    until $\tilde\sigma$ is within 1% of the exact norm. Gradients flow through $\tilde\sigma$.
+    :func:`frozen_spectral_norm`), none when the layer is called on its own in ``eval()``; a
+    residual block in ``eval()`` settles it instead (iterates until $\tilde\sigma$ is within 1e-6 of
+    the exact norm, once per change of the weight). At construction it iterates until
+    $\tilde\sigma$ is within 1% of the exact norm. Gradients flow through $\tilde\sigma$.
 
     Args:
         in_features: Input size $d_\text{in}$; inputs have shape ``(..., in_features)``.
@@ -371,12 +387,14 @@ def frozen_spectral_norm(module: nn.Module) -> Iterator[None]:
 
 
 def refresh_spectral_norm(module: nn.Module) -> None:
-    r"""Run one round of power iteration on every spectrally normalised layer of ``module``.
+    r"""Bring the power iteration of every spectrally normalised layer of ``module`` up to date.
 
-    A round is ``n_power_iterations`` steps $v \leftarrow W^\top u / \|W^\top u\|$,
-    $u \leftarrow W v / \|W v\|$ per layer, and is skipped for a layer whose weight is unchanged
-    since its last refresh. Training-mode forwards already do this; call it e.g. before
-    :func:`lipschitz_bound` on a model that was last run in ``eval()``.
+    A power-iteration step is $v \leftarrow W^\top u / \|W^\top u\|$, $u \leftarrow W v / \|W v\|$.
+    A layer in training mode runs ``n_power_iterations`` steps; a layer in ``eval()`` iterates until
+    $\tilde\sigma$ is within 1e-6 of its exact norm. Either is skipped while the weight is unchanged
+    since the layer's last refresh in that mode. Every forward and inverse already does this; call
+    it e.g. after ``optimizer.step()`` and before :func:`lipschitz_bound`, so that the certificate
+    describes the operator the next call applies (``model.eval()`` first for the settled one).
 
     Args:
         module: Any module; its :class:`SpectralNormLinear` / ``SpectralNormConv2d`` layers refresh.

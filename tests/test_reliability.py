@@ -388,3 +388,25 @@ def test_float64_end_to_end() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert lipschitz_bound(flow) < 1
+
+
+def test_eval_settles_power_iteration_after_the_weights_changed() -> None:
+    t = iresnet(2, hidden_dims=[16, 16], coeff=0.9).to(torch.float64)
+    layers = [m for m in t.modules() if isinstance(m, SpectralNormLinear)]
+
+    def worst_relative_gap() -> float:
+        with torch.no_grad():
+            return max(1 - float(m.sigma_estimate()) / float(torch.linalg.matrix_norm(m.weight, ord=2))
+                       for m in layers)
+
+    with torch.no_grad():  # a large optimiser step: the power-iteration vectors are now stale
+        for p in t.parameters():
+            p.add_(torch.randn_like(p))
+    assert worst_relative_gap() > 1e-3
+    x = torch.randn(8, 2, dtype=torch.float64)
+    t.eval()
+    y = t(x)
+    assert worst_relative_gap() < 1e-6
+    assert lipschitz_bound(t) <= 0.9**3 * (1 + 1e-5)
+    u = [m.u.clone() for m in layers]
+    assert torch.equal(t(x), y) and all(torch.equal(m.u, a) for m, a in zip(layers, u))  # settled once
