@@ -51,12 +51,16 @@ EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 
 @dataclass
 class Diagnostics:
-    """What the last call of a block did.
+    r"""What the last call of a block did: which estimator of $\log|\det(I + J_g(x))|$ ran, with how
+    many series terms, and how the last inverse solve of $x + g(x) = y$ went.
 
     Attributes:
         logdet_method: Estimator used (``"exact"``, ``"series"`` or ``"unbiased"``), or ``None``.
         n_terms: Series terms evaluated (``None`` for ``"exact"``).
         inverse: The last inverse solve's iterations and residuals, or ``None``.
+
+    References:
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
 
     Examples:
         >>> from pyro_iresnet import LipschitzMLP, ResidualBlock
@@ -520,6 +524,9 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
 
     Returns:
         The names given, in order.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> from pyro_iresnet import iresnet, name_blocks

@@ -1,4 +1,5 @@
-"""Warnings, exceptions and argument checks shared by every module.
+"""Warnings, exceptions and argument checks shared by every module (the ``check_*`` helpers are
+internal: they give every module the same error messages).
 
 Errors name the argument, the value and the rule, e.g. ``coeff must be in (0, 1), got 1.2``.
 """
@@ -10,11 +11,6 @@ __all__ = [
     "ConvergenceWarning",
     "LipschitzWarning",
     "NonFiniteError",
-    "check_choice",
-    "check_finite",
-    "check_positive_int",
-    "check_probability",
-    "check_unit_interval",
 ]
 
 import torch
@@ -29,6 +25,9 @@ class ConvergenceWarning(RuntimeWarning):
     \mathrm{rtol}\,\|y\|_\infty$. The message names the worst residual, the iterations and the
     block's certified Lipschitz bound, and suggests raising ``max_iter``, loosening ``atol``/``rtol`` or
     lowering ``coeff``.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> import warnings
@@ -64,7 +63,12 @@ class LipschitzWarning(RuntimeWarning):
 
 
 class ConvergenceError(RuntimeError):
-    """Raised instead of :class:`ConvergenceWarning` when a solve runs with ``strict=True``.
+    r"""Raised instead of :class:`ConvergenceWarning` when a solve runs with ``strict=True``: some
+    sample still has $\|x + g(x) - y\|_\infty > \mathrm{atol} + \mathrm{rtol}\,\|y\|_\infty$ after
+    ``max_iter`` iterations.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> from pyro_iresnet.inverse import fixed_point_inverse
@@ -76,10 +80,14 @@ class ConvergenceError(RuntimeError):
 
 
 class NonFiniteError(FloatingPointError):
-    """A residual block produced a NaN or Inf log-det (typically after a diverging optimiser step).
+    r"""A residual block produced a NaN or Inf log-det $\log|\det(I + J_g(x))|$ (typically after a
+    diverging optimiser step).
 
     The message names the block (see :func:`~pyro_iresnet.name_blocks`); the check runs where
     ``check_finite`` applies (CPU tensors by default, every device with ``check_finite=True``).
+
+    References:
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
 
     Examples:
         >>> from pyro_iresnet import ResidualBlock, LipschitzMLP

@@ -64,6 +64,9 @@ class FusedMLP:
         betas: LipSwish $\beta$ per hidden layer (``None`` for ELU).
         alphas: ELU $\alpha$ per hidden layer (``None`` for LipSwish).
 
+    References:
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
+
     Examples:
         >>> mlp = fused_mlp(LipschitzMLP([2, 8, 2]))
         >>> [tuple(w.shape) for w in mlp.weights], mlp.kinds, len(mlp.tensors())
@@ -102,6 +105,9 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
     Args:
         net: The residual function $g$.
 
+    References:
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
+
     Examples:
         >>> fused_mlp(LipschitzMLP([2, 8, 8, 2], activation="elu")).kinds
         ['elu', 'elu']
@@ -134,6 +140,9 @@ def supports_fused(net: nn.Module) -> bool:
 
     Args:
         net: The residual function $g$.
+
+    References:
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
 
     Examples:
         >>> supports_fused(LipschitzMLP([2, 8, 2]))
@@ -524,6 +533,9 @@ def solver_net(mlp: FusedMLP) -> Callable[[Tensor], Tensor]:
     Returns:
         A function mapping ``(N, d)`` to $g(x)$ of shape ``(N, d)``; it may overwrite its
         temporaries in place, so do not differentiate through it.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> net = LipschitzMLP([2, 8, 2]).eval()

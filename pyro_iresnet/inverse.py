@@ -49,6 +49,9 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     Args:
         dtype: Floating dtype of the solve.
 
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
     Examples:
         >>> default_tolerances(torch.float32)
         (1e-06, 1e-06)
@@ -71,6 +74,9 @@ class SolveInfo:
         residual: Per-sample residual $\|x + g(x) - y\|_\infty$ at the last check, shape ``(N,)``
             (NaN/Inf for a sample that diverged).
         converged: Whether every sample met its tolerance.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> x, info = fixed_point_inverse(lambda x: 0.5 * torch.tanh(x), torch.randn(4, 3))

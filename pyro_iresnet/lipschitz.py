@@ -364,6 +364,9 @@ def frozen_spectral_norm(module: nn.Module) -> Iterator[None]:
     Args:
         module: Any module; its :class:`SpectralNormLinear` / ``SpectralNormConv2d`` layers freeze.
 
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
     Examples:
         >>> layer = SpectralNormLinear(3, 3)
         >>> u = layer.u.clone()
@@ -427,11 +430,18 @@ def register_lipschitz_rule(cls: type, rule: Callable[[nn.Module], float]) -> No
     r"""Teach :func:`lipschitz_bound` the certified Lipschitz constant of modules of type ``cls``.
 
     Rules are looked up along the class's MRO and take precedence over a module's own
-    ``lipschitz_constant()``; the bound of an ``nn.Sequential`` is the product of its parts'.
+    ``lipschitz_constant()``; the bound of an ``nn.Sequential`` is the product of its parts',
+
+    $$ \mathrm{Lip}(f_L \circ \dots \circ f_1) \le \prod_{l} \mathrm{Lip}(f_l). $$
 
     Args:
         cls: Module type.
         rule: Maps a module of type ``cls`` to an upper bound of its Lipschitz constant.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+        Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
 
     Examples:
         >>> class Halve(torch.nn.Module):
@@ -545,6 +555,9 @@ def lipschitz_estimate(net: nn.Module) -> float | None:
 
     Args:
         net: The residual function $g$.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> lipschitz_estimate(LipschitzMLP([2, 8, 2], coeff=0.5)) <= 0.25

@@ -178,6 +178,9 @@ class ConditionedInvertibleResidual(_ResidualTransform, Transform):
         context: Context $c$ of shape ``(..., context_dim)``, broadcast against the batch shape.
         cache_size: Pyro/torch transform cache size (1 keeps the last pair).
 
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
     Examples:
         >>> t = conditional_iresnet(2, 3).condition(torch.randn(3))
         >>> x = torch.randn(4, 2)
@@ -245,6 +248,9 @@ class ConcatContextNet(nn.Module):
     Args:
         net: Network on ``input_dim + context_dim`` features returning ``input_dim``.
         context_dim: Size of the context.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
     Examples:
         >>> g = ConcatContextNet(LipschitzMLP([2 + 3, 16, 2], coeff=0.9), context_dim=3)
