@@ -240,17 +240,19 @@ class _ImplicitInverse(torch.autograd.Function):
         with torch.enable_grad():
             x_leaf = x.detach().requires_grad_()
             gx = g(x_leaf) if context is None else g(x_leaf, context)
-            u, tol = grad_x, _residual_tolerance(grad_x, config.atol, config.rtol)
-            for _ in range(config.max_iter):
-                (jtu,) = torch.autograd.grad(gx, x_leaf, u, retain_graph=True)
-                u_next = grad_x - jtu
-                residual = _max_abs(u_next - u)
-                u = u_next
-                if bool((residual <= tol).all()):
-                    break
-            else:
-                _report(SolveInfo(config.max_iter, residual, False), "adjoint of the inverse",
-                        config.strict, config.lipschitz())
+            n = grad_x.shape[0]
+
+            def jtu_rows(u_rows: Tensor, rows: Tensor) -> Tensor:
+                """$J_g^\\top u$ on the rows still iterating (one VJP through the whole batch)."""
+                u_full = u_rows if rows.numel() == n else torch.zeros_like(grad_x).index_copy_(0, rows, u_rows)
+                (jtu,) = torch.autograd.grad(gx, x_leaf, u_full, retain_graph=True)
+                return jtu if rows.numel() == n else jtu[rows]
+
+            # the same solver as the forward: u <- v - J^T u, per-sample exit, Anderson if it stalls
+            tol = _residual_tolerance(grad_x, config.atol, config.rtol)
+            u, info = _plain_fixed_point(jtu_rows, grad_x, tol, config.max_iter)
+            if not info.converged:
+                _report(info, "adjoint of the inverse", config.strict, config.lipschitz())
             inputs = ([] if context is None else [context]) + params
             needs = [t for t in inputs if t.requires_grad]
             grads = torch.autograd.grad(gx, needs, -u, allow_unused=True) if needs else ()

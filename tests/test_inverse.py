@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pyro_iresnet import ConvergenceError, ConvergenceWarning, ResidualBlock, lipschitz_bound
+from pyro_iresnet.inverse import fixed_point_inverse
 from tests.conftest import make_active_mlp
 
 
@@ -75,6 +76,38 @@ def test_anderson_on_slowly_contracting_map() -> None:
     plain, anderson = _iterations(net, y, "fixed_point"), _iterations(net, y, "anderson")
     assert plain > 1000
     assert anderson < plain / 10
+
+
+def test_stalled_forward_and_adjoint_solves_finish_with_anderson() -> None:
+    # g(x) = W x, eigenvalues of W in [0.5, 0.995]: the plain iteration needs ~5,500 steps for 1e-12
+    net = make_active_mlp([8, 8], 0.995, torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    with torch.no_grad():
+        layer = net.layers[0]
+        layer.weight.copy_(q @ torch.diag(torch.linspace(0.5, 0.995, 8, dtype=torch.float64)) @ q.T)
+        layer.bias.zero_()
+        layer._converge_power_iteration(rtol=1e-9)
+    block = ResidualBlock(net, max_iter=400).eval()
+    y = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+    x = block.inverse(y)  # warnings are errors: neither solve may stop unconverged
+    assert block.last_diagnostics.inverse.iterations < 400
+    upstream = torch.randn_like(x)
+    (x * upstream).sum().backward()
+    eye_plus_w = torch.eye(8, dtype=torch.float64) + layer.normalized_weight().detach()
+    assert torch.allclose(x.detach(), torch.linalg.solve(eye_plus_w, y.detach().T).T, atol=1e-10)
+    assert torch.allclose(y.grad, torch.linalg.solve(eye_plus_w.T, upstream.T).T, atol=1e-10)
+
+
+def test_adjoint_non_convergence_warns() -> None:
+    # W has eigenvalues 0.5 and 0.995: y along the first converges in ~40 steps, the upstream
+    # gradient along the second needs thousands, so only the adjoint solve runs out of max_iter
+    q, _ = torch.linalg.qr(torch.randn(2, 2, dtype=torch.float64))
+    w = (q @ torch.diag(torch.tensor([0.5, 0.995], dtype=torch.float64)) @ q.T).requires_grad_()
+    y = q[:, 0].repeat(3, 1)
+    x, info = fixed_point_inverse(lambda z: z @ w.T, y, [w], max_iter=60)
+    assert info.converged
+    with pytest.warns(ConvergenceWarning, match=r"adjoint of the inverse did not converge in 60 iterations"):
+        (x @ q[:, 1]).sum().backward()
 
 
 def _newton_reference_inverse(block: ResidualBlock, y: torch.Tensor) -> torch.Tensor:
