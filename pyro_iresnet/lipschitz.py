@@ -23,7 +23,6 @@ __all__ = [
     "SpectralNormLinear",
     "frozen_spectral_norm",
     "lipschitz_bound",
-    "lipschitz_estimate",
     "refresh_spectral_norm",
     "register_lipschitz_rule",
 ]
@@ -543,30 +542,3 @@ def lipschitz_bound(module: object) -> float:
         )
     return bound
 
-
-def lipschitz_estimate(net: nn.Module) -> float | None:
-    r"""Cheap estimate of $\mathrm{Lip}(g)$ from the stored $\tilde\sigma$ (no SVD), or ``None``
-    when ``net`` has no spectrally normalised layer. Used in convergence messages.
-
-    $$ \widehat{\mathrm{Lip}}(g) = \prod_i \min(\tilde\sigma_i, c_i), $$
-
-    the product over spectrally normalised layers (activations assumed 1-Lipschitz); an estimate,
-    not a certificate (see :func:`lipschitz_bound`).
-
-    Args:
-        net: The residual function $g$.
-
-    References:
-        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
-
-    Examples:
-        >>> lipschitz_estimate(LipschitzMLP([2, 8, 2], coeff=0.5)) <= 0.25
-        True
-        >>> lipschitz_estimate(torch.nn.Linear(2, 2)) is None
-        True
-    """
-    layers = list(_spectral_norm_layers(net))
-    if not layers:
-        return None
-    with torch.no_grad():
-        return math.prod(min(float(layer.sigma_estimate()), layer.coeff) for layer in layers)

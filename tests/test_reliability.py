@@ -166,7 +166,7 @@ def test_broken_lipschitz_constraint_is_reported_and_the_inverse_is_loud() -> No
         strict.inv(y)
 
 
-def test_slow_inverse_warns_with_worst_residual_iterations_and_lipschitz_estimate() -> None:
+def test_slow_inverse_warns_with_worst_residual_iterations_and_lipschitz_bound() -> None:
     t = iresnet(2, hidden_dims=[16], coeff=0.9, max_iter=2).eval()
     with torch.no_grad():
         t.residual_net.layers[-1].bias.fill_(1.0)  # g is far from 0: two iterations cannot reach 1e-6
