@@ -32,26 +32,7 @@ import torch
 from memory import peak_allocated_mib
 
 from pyro_iresnet import LipschitzMLP, ResidualBlock
-
-try:  # the adapter of issue 4 (part A); a local stand-in while it does not exist
-    from pyro_iresnet.normflows import Residual as OursResidual
-except ImportError:  # pragma: no cover - development fallback
-    OursResidual = None
-
-
-class _StandInResidual(nf.flows.Flow):
-    """Minimal normflows flow over ResidualBlock (reverse=True), used only without the adapter."""
-
-    def __init__(self, net: torch.nn.Module, **options) -> None:
-        super().__init__()
-        self.block = ResidualBlock(net, **options)
-
-    def forward(self, z):
-        x, logdet = self.block.inverse_and_logdet(z)
-        return x, -logdet
-
-    def inverse(self, z):
-        return self.block.forward_and_logdet(z)
+from pyro_iresnet.normflows import Residual as OursResidual
 
 
 def two_moons(n: int, generator: torch.Generator, noise: float = 0.05) -> torch.Tensor:
@@ -74,10 +55,7 @@ def build(which: str, blocks: int, hidden: int, fused: bool | str = "auto") -> n
             net = LipschitzMLP([2, hidden, hidden, 2], coeff=0.9)
             with torch.no_grad():
                 net.layers[-1].weight.div_(1000)  # as normflows' init_zeros
-            if OursResidual is not None:
-                flows.append(OursResidual(net, reduce_memory=True, fused=fused))
-            else:
-                flows.append(_StandInResidual(net, neumann_grad=True, memory_efficient=True, fused=fused))
+            flows.append(OursResidual(net, reduce_memory=True, fused=fused))
         flows.append(nf.flows.ActNorm(2))
     return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
 
@@ -195,8 +173,7 @@ def main() -> None:
     parser.add_argument("--load", default=None, help="skip training: load a --save file as the trained state")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    adapter = "pyro_iresnet.normflows.Residual" if OursResidual is not None else "stand-in over ResidualBlock"
-    print(f"torch {torch.__version__}, threads {args.threads}, ours via {adapter}", flush=True)
+    print(f"torch {torch.__version__}, threads {args.threads}", flush=True)
     test = two_moons(args.test_size, torch.Generator().manual_seed(123))
     models = {}
     for which in ("ours", "theirs"):
