@@ -55,6 +55,13 @@ def _event_dim(net: nn.Module) -> int:
     return 1
 
 
+def _check_lamb(value: float) -> float:
+    """The Poisson roulette's rate, checked under normflows' name."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"lamb must be a float > 0, got {value!r}")
+    return float(value)
+
+
 def _block_options(
     reduce_memory: bool,
     geom_p: float,
@@ -69,8 +76,7 @@ def _block_options(
     """normflows' arguments as :class:`~pyro_iresnet.ResidualBlock` options (validated under
     normflows' names, so errors name the argument the user passed)."""
     check_probability("geom_p", geom_p)
-    if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not lamb > 0:
-        raise ValueError(f"lamb must be a float > 0, got {lamb!r}")
+    _check_lamb(lamb)
     if n_power_series is not None:
         check_positive_int("n_power_series", n_power_series)
     check_positive_int("n_samples", n_samples)
@@ -251,9 +257,7 @@ class Residual(Flow):
 
     @lamb.setter
     def lamb(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"lamb must be a float > 0, got {value!r}")
-        self.block.lam = float(value)
+        self.block.lam = _check_lamb(value)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         r"""Sampling direction: $f^{-1}$ (fixed point) if ``reverse`` else $f$; returns
