@@ -378,22 +378,25 @@ class _Spec:
     neumann_grad: bool
 
 
-def _exact_value(mlp: FusedMLP, cache: _Cache) -> tuple[Tensor, Tensor]:
-    r"""Per-sample log-det and $M = (I + J)^{-\top}$."""
+def _exact_value(mlp: FusedMLP, cache: _Cache, with_inverse: bool = True) -> tuple[Tensor, Tensor | None]:
+    r"""Per-sample log-det and (``with_inverse``) $M = (I + J)^{-\top}$ for the backward."""
     x = cache.x
     n, d = x.shape
-    eye = torch.eye(d, dtype=x.dtype, device=x.device)
     jac = _jacobian(mlp, cache, scratch=True)
     if d == 1:
         a = 1 + jac[:, 0, 0]
-        return torch.log(a.abs()), (1 / a).reshape(n, 1, 1)
+        return torch.log(a.abs()), (1 / a).reshape(n, 1, 1) if with_inverse else None
     if d == 2:
         a, b = 1 + jac[:, 0, 0], jac[:, 0, 1]
         c, e = jac[:, 1, 0], 1 + jac[:, 1, 1]
         det = a * e - b * c
+        if not with_inverse:
+            return torch.log(det.abs()), None
         inv_t = torch.stack([torch.stack([e, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
         return torch.log(det.abs()), inv_t
-    mat = eye + jac
+    mat = torch.eye(d, dtype=x.dtype, device=x.device) + jac
+    if not with_inverse:
+        return torch.linalg.slogdet(mat).logabsdet, None
     return torch.linalg.slogdet(mat).logabsdet, torch.linalg.inv(mat).mT
 
 
@@ -516,7 +519,14 @@ def fused_logdet(
     """
     coeffs = [(-1) ** (k + 1) * w / k for k, w in enumerate(weights, start=1)]
     spec = _Spec(mlp, method, coeffs, list(probes), bool(neumann_grad))
-    return _FusedLogdet.apply(spec, x, *mlp.tensors())
+    tensors = mlp.tensors()
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
+        return _FusedLogdet.apply(spec, x, *tensors)
+    # value only (evaluation, sampling): no autograd Function, nothing kept for a backward
+    gx, cache = _forward(mlp, x, scratch=True)
+    if method == "exact":
+        return gx, _exact_value(mlp, cache, with_inverse=False)[0]
+    return gx, _series_value(spec, cache)[0]
 
 
 def solver_net(mlp: FusedMLP) -> Callable[[Tensor], Tensor]:

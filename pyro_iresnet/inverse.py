@@ -109,26 +109,36 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
     amplifies by about $1/(1 - L)$), Anderson acceleration finishes those samples within the
     remaining iteration budget.
 
-    ``g(x_rows, rows)`` evaluates $g$ on the rows ``rows`` of the batch."""
+    ``g(x_rows, rows)`` evaluates $g$ on the rows ``rows`` of the batch. The iterates of the
+    samples still running are kept compact (no gather from the full batch per iteration); finished
+    rows are written back once."""
     x = y.clone()
     window_worst = None
     residual = torch.full_like(tol, float("inf"))
     active = torch.arange(y.shape[0], device=y.device)
+    x_active, y_active, tol_active = y, y, tol
     for iteration in range(1, max_iter + 1):
-        x_active = x[active]
-        x_next = y[active] - g(x_active, active)
+        x_next = y_active - g(x_active, active)
         step_residual = _max_abs(x_next - x_active)  # = residual of x_active, exactly
-        x[active] = x_next
-        residual[active] = step_residual
-        done = (step_residual <= tol[active]) | ~torch.isfinite(step_residual)
-        if bool(done.all()):
-            return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
-        active = active[~done]
+        done = (step_residual <= tol_active) | ~torch.isfinite(step_residual)
+        if bool(done.any()):
+            if bool(done.all()):
+                x[active], residual[active] = x_next, step_residual
+                return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
+            finished, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+            rows = active.index_select(0, finished)
+            x[rows], residual[rows] = x_next.index_select(0, finished), step_residual.index_select(0, finished)
+            active, y_active, tol_active = active.index_select(0, keep), y_active.index_select(0, keep), \
+                tol_active.index_select(0, keep)
+            x_next, step_residual = x_next.index_select(0, keep), step_residual.index_select(0, keep)
+        x_active = x_next
         if iteration % _PROGRESS_WINDOW == 0 and iteration < max_iter:
-            worst = residual[active].max()
+            worst = step_residual.max()
             if window_worst is not None and bool(worst > _PROGRESS_FACTOR * window_worst):
+                x[active], residual[active] = x_active, step_residual
                 return _finish_with_anderson(g, y, x, residual, tol, active, iteration, max_iter)
             window_worst = worst
+    x[active], residual[active] = x_active, step_residual
     return x, SolveInfo(max_iter, residual, False)
 
 
