@@ -52,17 +52,42 @@ _LIPSWISH_SCALE = 1.1
 
 
 @dataclass
-class FusedMLP:
-    r"""The normalised parameters of a ``LipschitzMLP``, taken once per call (differentiable).
+class _Normalization:
+    r"""How a normalised weight $\tilde W = W / s$, $s = \max(1, \tilde\sigma / c)$,
+    $\tilde\sigma = u^\top W v$, depends on the raw weight $W$ (``u``, ``v`` are constants)."""
 
-    They define $g(x) = \tilde W_L \phi_{L-1}(\cdots \phi_1(\tilde W_1 x + b_1) \cdots) + b_L$.
+    weight: Tensor  # the raw W (a gradient target)
+    normalized: Tensor  # W / s, computed once (no autograd history)
+    u: Tensor  # copies: later power-iteration steps do not change this call's operator
+    v: Tensor
+    ratio: Tensor  # sigma / c (0-d, no autograd history)
+    coeff: float
+
+    def weight_grad(self, grad_normalized: Tensor) -> Tensor:
+        r"""$\partial\ell/\partial W$ from $G = \partial\ell/\partial\tilde W$:
+        $G / s - [\tilde\sigma \ge c]\, \frac{\langle G, \tilde W\rangle}{s\,c}\, u v^\top$
+        (the clamp passes its gradient where $\tilde\sigma / c \ge 1$, as ``torch.clamp`` does)."""
+        scale = self.ratio.clamp(min=1.0)
+        inner = torch.sum(grad_normalized * self.normalized) / (scale * self.coeff)
+        coef = torch.where(self.ratio >= 1.0, inner, torch.zeros_like(inner))
+        return torch.addr(grad_normalized / scale, self.u * coef, self.v, alpha=-1)
+
+
+@dataclass
+class FusedMLP:
+    r"""The normalised parameters of a ``LipschitzMLP``, taken once per call.
+
+    They define $g(x) = \tilde W_L \phi_{L-1}(\cdots \phi_1(\tilde W_1 x + b_1) \cdots) + b_L$. The
+    normalised weights are constants; gradients are taken with respect to the raw weights $W_l$ in
+    closed form (:meth:`raw_weight_grads`), which spares the autograd graph of the normalisation.
 
     Attributes:
-        weights: Normalised weights $\tilde W_l$, shapes ``(h_l, h_{l-1})``.
+        weights: Normalised weights $\tilde W_l$, shapes ``(h_l, h_{l-1})`` (no autograd history).
         biases: Biases $b_l$ (``None`` where a layer has none).
         kinds: Activation per hidden layer: ``"lipswish"`` or ``"elu"``.
         betas: LipSwish $\beta$ per hidden layer (``None`` for ELU).
         alphas: ELU $\alpha$ per hidden layer (``None`` for LipSwish).
+        norms: How each $\tilde W_l$ depends on its raw weight.
 
     References:
         Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
@@ -78,19 +103,28 @@ class FusedMLP:
     kinds: list[str]
     betas: list[Tensor | None]
     alphas: list[float | None]
+    norms: list[_Normalization]
 
     def tensors(self) -> list[Tensor]:
-        r"""Every tensor the call depends on (gradient targets), in a fixed order."""
-        out = list(self.weights) + [b for b in self.biases if b is not None]
+        r"""Every tensor the call depends on (gradient targets: raw weights, biases, $\beta$s), in a
+        fixed order."""
+        out = [n.weight for n in self.norms] + [b for b in self.biases if b is not None]
         return out + [b for b in self.betas if b is not None]
+
+    def raw_weight_grads(self, grads: list[Tensor]) -> list[Tensor]:
+        r"""Map gradients w.r.t. ``[*weights, *biases, *betas]`` (normalised weights first) to
+        gradients w.r.t. :meth:`tensors` (raw weights first)."""
+        n_layers = len(self.norms)
+        return [n.weight_grad(g) for n, g in zip(self.norms, grads[:n_layers])] + list(grads[n_layers:])
 
     def detached(self) -> FusedMLP:
         return FusedMLP(
-            [w.detach() for w in self.weights],
+            self.weights,
             [None if b is None else b.detach() for b in self.biases],
             self.kinds,
             [None if b is None else b.detach() for b in self.betas],
             self.alphas,
+            self.norms,
         )
 
 
@@ -99,8 +133,9 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
     ``LipschitzMLP`` (alternating ``SpectralNormLinear`` and LipSwish/ELU layers).
 
     Reads $\tilde W_l = W_l / \max(1, \tilde\sigma_l / c)$ from the current power-iteration buffers
-    and runs no power iteration itself (the block refreshes them before the call); the normalised
-    weights stay differentiable (gradients flow through $\tilde\sigma$).
+    and runs no power iteration itself (the block refreshes them before the call). Gradients with
+    respect to $W_l$ flow through $\tilde\sigma_l$ as in autograd, in closed form
+    (:meth:`FusedMLP.raw_weight_grads`).
 
     Args:
         net: The residual function $g$.
@@ -117,7 +152,13 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
     if not supports_fused(net):
         return None
     layers = list(net.layers)
-    weights = [layer.normalized_weight() for layer in layers[0::2]]
+    weights, norms = [], []
+    with torch.no_grad():
+        for layer in layers[0::2]:
+            ratio = layer.sigma_estimate() / layer.coeff
+            weights.append(layer.weight / ratio.clamp(min=1.0))
+            norms.append(_Normalization(layer.weight, weights[-1], layer.u.clone(), layer.v.clone(), ratio,
+                                        layer.coeff))
     biases = [layer.bias for layer in layers[0::2]]
     kinds, betas, alphas = [], [], []
     for act in layers[1::2]:
@@ -129,7 +170,7 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
             kinds.append("elu")
             betas.append(None)
             alphas.append(float(act.alpha))
-    return FusedMLP(weights, biases, kinds, betas, alphas)
+    return FusedMLP(weights, biases, kinds, betas, alphas, norms)
 
 
 def supports_fused(net: nn.Module) -> bool:
@@ -188,19 +229,22 @@ def _scratch(tag: object, shape: Sequence[int], like: Tensor) -> Tensor:
 #   phi' = (s + beta z t) / 1.1, phi'' = beta t k / 1.1,
 #   d phi / d beta = z^2 t / 1.1, d phi' / d beta = z t k / 1.1.
 # ELU: phi = z (z > 0) else alpha (e^z - 1); phi' = 1 or alpha e^z; phi'' = 0 or alpha e^z.
+# Each (N, h) pass costs about as much as the arithmetic in it, so the LipSwish formulas are
+# arranged for few passes: six in the forward (s is kept divided by 1.1), nine in the backward.
 def _act(
     kind: str, z: Tensor, beta: Tensor | None, alpha: float | None, tag: object = None
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None]:
-    r"""$\phi(z)$, $\phi'(z)$ and, for LipSwish, $(\beta z, s, t)$ (``None`` for ELU); LipSwish
+    r"""$\phi(z)$, $\phi'(z)$ and, for LipSwish, $(\beta z, s / 1.1, t)$ (``None`` for ELU); LipSwish
     outputs are scratch tensors of ``tag`` (fresh if ``None``)."""
     if kind == "lipswish":
         shape = z.shape
         bz = torch.mul(z, beta, out=_scratch(tag and (tag, "bz"), shape, z))
         s = torch.sigmoid(bz, out=_scratch(tag and (tag, "s"), shape, z))
         t = torch.addcmul(s, s, s, value=-1.0, out=_scratch(tag and (tag, "t"), shape, z))
-        a = torch.mul(z, s, out=_scratch(tag and (tag, "a"), shape, z)).div_(_LIPSWISH_SCALE)
-        d = torch.addcmul(s, bz, t, out=_scratch(tag and (tag, "d"), shape, z)).div_(_LIPSWISH_SCALE)
-        return a, d, (bz, s, t)
+        s_scaled = s.mul_(1 / _LIPSWISH_SCALE)
+        a = torch.mul(z, s_scaled, out=_scratch(tag and (tag, "a"), shape, z))
+        d = torch.addcmul(s_scaled, bz, t, value=1 / _LIPSWISH_SCALE, out=_scratch(tag and (tag, "d"), shape, z))
+        return a, d, (bz, s_scaled, t)
     pos = z > 0
     e = torch.exp(torch.clamp(z, max=0.0))
     return torch.where(pos, z, alpha * (e - 1)), torch.where(pos, torch.ones_like(z), alpha * e), None
@@ -218,16 +262,19 @@ def _act_backward(
             second = torch.where(z > 0, torch.zeros_like(d), d)
             gz = second.mul_(dd) if gz is None else gz.addcmul_(second, dd)
         return gz, None
-    bz, s, t = aux
-    beta_scaled = beta / _LIPSWISH_SCALE
+    bz, s_scaled, t = aux
+    # gz = da phi' + dd phi'';  d beta = sum z t (z da + k dd) / 1.1
     gz = None if da is None else torch.mul(da, d, out=_scratch((tag, "gz"), d.shape, d))
-    h = None if da is None else torch.mul(da, z, out=_scratch((tag, "h"), d.shape, d))
+    h = None
     if dd is not None:
-        w = torch.mul(s, -2.0, out=_scratch((tag, "k"), d.shape, d)).add_(1.0).mul_(bz).add_(2.0)
-        w.mul_(dd)  # k * dd
-        e = torch.mul(t, w, out=_scratch((tag, "e"), d.shape, d))
+        kdd = torch.addcmul(bz, bz, s_scaled, value=-2.0 * _LIPSWISH_SCALE, out=_scratch((tag, "k"), d.shape, d))
+        kdd.add_(2.0).mul_(dd)
+        e = torch.mul(t, kdd, out=_scratch((tag, "e"), d.shape, d))
+        beta_scaled = beta / _LIPSWISH_SCALE
         gz = e.mul_(beta_scaled) if gz is None else gz.addcmul_(e, beta_scaled)
-        h = w if h is None else h.add_(w)
+        h = kdd if da is None else kdd.addcmul_(z, da)
+    elif da is not None:
+        h = torch.mul(da, z, out=_scratch((tag, "h"), d.shape, d))
     if h is None:
         return gz, None
     dbeta = torch.dot(h.mul_(z).reshape(-1), t.reshape(-1)).div_(_LIPSWISH_SCALE)
@@ -321,7 +368,8 @@ def _backward(
     mlp: FusedMLP, cache: _Cache, grad_gx: Tensor | None, a: Tensor | None, b: Tensor | None
 ) -> tuple[Tensor, list[Tensor]]:
     r"""Gradients of $\sum_n \langle \bar g_n, g(x_n)\rangle + \sum_{p,n} a_{pn}^\top J(x_n) b_{pn}$
-    with respect to $x$ and ``mlp.tensors()``; ``a``, ``b`` of shape ``(P, N, d)`` or ``None``.
+    with respect to $x$ and ``[*weights, *biases, *betas]`` of ``mlp`` (normalised weights; see
+    :meth:`FusedMLP.raw_weight_grads`); ``a``, ``b`` of shape ``(P, N, d)`` or ``None``.
     The returned gradients are fresh tensors; the temporaries are scratch."""
     n_layers = len(mlp.weights)
     grad_w: list[Tensor | None] = [None] * n_layers
@@ -475,7 +523,7 @@ class _FusedLogdet(torch.autograd.Function):
                 a, b = _series_pairs(spec, cache, ctx.extra)
                 a = a * grad_logdet[:, None]
         grad_x, grads = _backward(spec.mlp, cache, grad_gx, a, b)
-        return (None, grad_x, *grads)
+        return (None, grad_x, *spec.mlp.raw_weight_grads(grads))
 
 
 def fused_logdet(
@@ -695,7 +743,7 @@ class _NewtonInverse(torch.autograd.Function):
         _, cache = _forward(ctx.mlp, x)
         u = _solve(_jacobian(ctx.mlp, cache), grad_x, transpose=True)  # u = (I + J)^{-T} grad_x
         _, grads = _backward(ctx.mlp, cache, -u, None, None)
-        return (None, u, *grads)
+        return (None, u, *ctx.mlp.raw_weight_grads(grads))
 
 
 def newton_inverse(

@@ -69,6 +69,19 @@ def test_matches_generic_path_other_nets(dims: list[int], activation: str, optio
     _assert_same(net, x, **options)
 
 
+@pytest.mark.parametrize("logdet", ["exact", "unbiased"])
+def test_matches_generic_path_with_an_inactive_normalisation(logdet: str) -> None:
+    """A layer whose estimate is below c is applied unscaled, and no gradient flows through its
+    sigma (the closed-form normalisation gradient must switch off exactly like torch.clamp's)."""
+    net = make_active_mlp([3, 16, 16, 3], coeff=0.9)
+    last = net.layers[-1]
+    with torch.no_grad():
+        last.weight.mul_(1e-3)
+        assert float(last.sigma_estimate()) < last.coeff < float(net.layers[0].sigma_estimate())
+    x = torch.randn(6, 3, dtype=torch.float64)
+    _assert_same(net, x, logdet=logdet, n_terms=5)
+
+
 def test_exact_logdet_equals_slogdet_of_autograd_jacobian() -> None:
     net = make_active_mlp([2, 32, 32, 2], coeff=0.97)
     block = ResidualBlock(net, fused=True, logdet="exact")
