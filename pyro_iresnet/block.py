@@ -252,8 +252,7 @@ class ResidualBlock(nn.Module):
         """The fast-path parameters (see ``fused``) for this call, or ``None`` for the generic path."""
         if self.fused is False or context is not None or self.exact_trace:
             return None
-        with frozen_spectral_norm(self.net):
-            return fused_mlp(self.net)
+        return fused_mlp(self.net)  # reads the power-iteration buffers, runs no forward
 
     def _certified_lipschitz(self) -> float | None:
         """:func:`~pyro_iresnet.lipschitz_bound` of $g$ for non-convergence messages (None if $g$ has a
@@ -341,9 +340,10 @@ class ResidualBlock(nn.Module):
     def _logdet_flat(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """$g(x)$ and the log-det for flattened inputs; records diagnostics."""
         method = self._current_logdet_method(x[0].numel())
-        params = self._params()
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or bool(params) or (context is not None and context.requires_grad)
+            x.requires_grad
+            or any(p.requires_grad for p in self.net.parameters())
+            or (context is not None and context.requires_grad)
         )
         with torch.set_grad_enabled(needs_grad):
             fast = self._fused_net(context)
@@ -380,7 +380,7 @@ class ResidualBlock(nn.Module):
             def estimator(x_leaf: Tensor) -> tuple[Tensor, Tensor]:
                 return hutchinson_logdet(g, x_leaf, weights, probes, self.neumann_grad, True)
 
-            return backward_in_forward(estimator, x, params)
+            return backward_in_forward(estimator, x, self._params())
         return hutchinson_logdet(g, x, weights, probes, self.neumann_grad, needs_grad)
 
     # -- public API ------------------------------------------------------------------------
