@@ -16,7 +16,10 @@ a form, with $a, b$ held constant:
 
 One ``torch.autograd.Function`` per block evaluates $g(x)$ and the log-det estimate without
 building an autograd graph, keeps only the pre-activations, and computes all gradients in its
-backward for the given upstream gradient (per-sample weights are exact). The values and gradients
+backward for the given upstream gradient (per-sample weights are exact); the spectral normalisation
+$\tilde W = W / \max(1, u^\top W v / c)$ is differentiated in closed form there too, so no autograd
+node is recorded per layer. Under ``no_grad`` (evaluation, sampling) the values are computed without
+the Function and nothing is kept for a backward. The values and gradients
 equal those of the generic autograd path for the same probes and roulette draws (the tests check
 this to 1e-12 in float64); only the cost differs. For $d \le 2$ the exact log-det is computed in
 closed form ($\det(I+J) = (1+J_{11})(1+J_{22}) - J_{12}J_{21}$). Temporaries that live within one
@@ -365,11 +368,13 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _backward(
-    mlp: FusedMLP, cache: _Cache, grad_gx: Tensor | None, a: Tensor | None, b: Tensor | None
+    mlp: FusedMLP, cache: _Cache, grad_gx: Tensor | None, a: Tensor | None, b: Tensor | None,
+    p_second: Tensor | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     r"""Gradients of $\sum_n \langle \bar g_n, g(x_n)\rangle + \sum_{p,n} a_{pn}^\top J(x_n) b_{pn}$
     with respect to $x$ and ``[*weights, *biases, *betas]`` of ``mlp`` (normalised weights; see
     :meth:`FusedMLP.raw_weight_grads`); ``a``, ``b`` of shape ``(P, N, d)`` or ``None``.
+    ``p_second``, if given, is $\tilde W_2 D_1 \tilde W_1 b$ (``(P, N, h_2)``, not modified).
     The returned gradients are fresh tensors; the temporaries are scratch."""
     n_layers = len(mlp.weights)
     grad_w: list[Tensor | None] = [None] * n_layers
@@ -379,7 +384,9 @@ def _backward(
         qs = []
         for layer in range(1, n_layers):
             qs.append(torch.mul(ps[-1], cache.ds[layer - 1], out=_scratch(("q", layer), ps[-1].shape, b)))
-            if layer < n_layers - 1:
+            if layer == 1 and p_second is not None:
+                ps.append(p_second)
+            elif layer < n_layers - 1:
                 ps.append(_mm(qs[-1], mlp.weights[layer].t(), ("p", layer)))
         r = a
         for layer in range(n_layers - 1, -1, -1):
@@ -388,7 +395,7 @@ def _backward(
             if layer == 0:
                 break
             dq = _mm(r, mlp.weights[layer], ("dq", layer))
-            prod = ps[layer - 1].mul_(dq)  # p_{l} is not needed after this
+            prod = torch.mul(ps[layer - 1], dq, out=_scratch(("prod", layer), dq.shape, dq))
             grad_d[layer - 1] = prod[0] if prod.shape[0] == 1 else prod.sum(0)
             r = dq.mul_(cache.ds[layer - 1])
     grad_b: list[Tensor | None] = [None] * n_layers
@@ -426,42 +433,60 @@ class _Spec:
     neumann_grad: bool
 
 
-def _exact_value(mlp: FusedMLP, cache: _Cache, with_inverse: bool = True) -> tuple[Tensor, Tensor | None]:
-    r"""Per-sample log-det and (``with_inverse``) $M = (I + J)^{-\top}$ for the backward."""
+def _exact_value(mlp: FusedMLP, cache: _Cache, for_backward: bool = True) -> tuple[Tensor, tuple | None]:
+    r"""Per-sample log-det and, ``for_backward``, what the backward needs: $M = (I + J)^{-\top}$ and
+    the products $\tilde W_2 D_1 \tilde W_1 e_j$ of its pairs $b = e_j$ (see :func:`_jacobian`)."""
     x = cache.x
     n, d = x.shape
-    jac = _jacobian(mlp, cache, scratch=True)
+    jac, second = _jacobian(mlp, cache, scratch=True)
     if d == 1:
-        a = 1 + jac[:, 0, 0]
-        return torch.log(a.abs()), (1 / a).reshape(n, 1, 1) if with_inverse else None
-    if d == 2:
+        det = 1 + jac[:, 0, 0]
+        inv_t = (1 / det).reshape(n, 1, 1) if for_backward else None
+    elif d == 2:
         a, b = 1 + jac[:, 0, 0], jac[:, 0, 1]
         c, e = jac[:, 1, 0], 1 + jac[:, 1, 1]
         det = a * e - b * c
-        if not with_inverse:
-            return torch.log(det.abs()), None
-        inv_t = torch.stack([torch.stack([e, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
-        return torch.log(det.abs()), inv_t
-    mat = torch.eye(d, dtype=x.dtype, device=x.device) + jac
-    if not with_inverse:
-        return torch.linalg.slogdet(mat).logabsdet, None
-    return torch.linalg.slogdet(mat).logabsdet, torch.linalg.inv(mat).mT
+        inv_t = None
+        if for_backward:
+            inv_t = torch.stack([torch.stack([e, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
+    else:
+        mat = torch.eye(d, dtype=x.dtype, device=x.device) + jac
+        logdet = torch.linalg.slogdet(mat).logabsdet
+        if not for_backward:
+            return logdet, None
+        return logdet, (torch.linalg.inv(mat).mT, None if second is None else second.clone())
+    if not for_backward:
+        return torch.log(det.abs()), None
+    return torch.log(det.abs()), (inv_t, None if second is None else second.clone())
 
 
-def _series_value(spec: _Spec, cache: _Cache) -> tuple[Tensor, list[list[Tensor]]]:
+def _series_value(
+    spec: _Spec, cache: _Cache, for_backward: bool = True
+) -> tuple[Tensor, list[list[Tensor]], Tensor | None]:
     r"""Series estimate, and per probe what the gradient needs: the Neumann vector
     $\sum_k k\,c_k (J^\top)^{k-1} v / n_{\text{probes}}$ (``neumann_grad``: memory flat in the number
     of terms), else the powers $(J^\top)^k v$, $k = 0..n-1$.
 
-    When the dimension $d$ is below the number of products (terms times probes), the per-sample
-    Jacobian is formed first ($d$ Jacobian-vector products through the net) and each product is
-    a $d \times d$ one per sample; otherwise each product is a VJP through the net."""
-    total = cache.x.new_zeros(cache.x.shape[0])
+    When the dimension $d$ is at most the number of products (terms times probes), the
+    per-sample Jacobian is formed first ($d$ Jacobian-vector products through the net, as many
+    matmul rows as the VJPs it replaces or fewer) and each product is a $d \times d$ one per sample;
+    otherwise each product is a VJP through the net. With the Jacobian and ``for_backward`` and the
+    Neumann gradient, the backward's products $\tilde W_2 D_1 \tilde W_1 v$ are formed here from
+    the Jacobian's intermediate products ($d$ elementwise passes instead of a matmul) and returned
+    as a ``(P, N, h_2)`` tensor (else ``None``)."""
+    x = cache.x
+    total = x.new_zeros(x.shape[0])
     scale = 1.0 / len(spec.probes)
     saved = []
-    jac = None
-    if cache.x.shape[1] < len(spec.coeffs) * len(spec.probes):
-        jac = _jacobian(spec.mlp, cache, scratch=True)
+    jac = second = p_second = None
+    if x.shape[1] <= len(spec.coeffs) * len(spec.probes):
+        jac, second = _jacobian(spec.mlp, cache, scratch=True)
+        if for_backward and spec.neumann_grad and second is not None:
+            p_second = x.new_empty(len(spec.probes), *second.shape[1:])
+            for out, v in zip(p_second, spec.probes):
+                torch.mul(second[0], v[:, :1], out=out)
+                for j in range(1, x.shape[1]):
+                    out.addcmul_(second[j], v[:, j:j + 1])
     for v in spec.probes:
         w, powers, neumann = v, [], torch.zeros_like(v)
         series = torch.zeros_like(v)  # sum_k c_k (J^T)^k v, dotted with v once at the end
@@ -474,7 +499,7 @@ def _series_value(spec: _Spec, cache: _Cache) -> tuple[Tensor, list[list[Tensor]
             series.add_(w, alpha=c)
         total.add_(series.mul_(v).sum(1))
         saved.append([neumann] if spec.neumann_grad else powers)
-    return total.mul_(scale), saved
+    return total.mul_(scale), saved, p_second
 
 
 def _series_pairs(spec: _Spec, cache: _Cache, saved: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
@@ -499,12 +524,12 @@ class _FusedLogdet(torch.autograd.Function):
         spec = _Spec(spec.mlp.detached(), spec.method, spec.coeffs, spec.probes, spec.neumann_grad)
         gx, cache = _forward(spec.mlp, x.detach(), scratch=True)
         if spec.method == "exact":
-            logdet, extra = _exact_value(spec.mlp, cache)
+            logdet, (extra, p_second) = _exact_value(spec.mlp, cache)
         else:
-            logdet, extra = _series_value(spec, cache)
-        # keep only the pre-activations; the backward recomputes the activations and slopes from
-        # them (the same values), so the saved state is one (N, h) tensor per hidden layer
-        ctx.spec, ctx.x, ctx.zs, ctx.extra = spec, cache.x, cache.zs, extra
+            logdet, extra, p_second = _series_value(spec, cache)
+        # keep the pre-activations (the backward recomputes the activations and slopes from them,
+        # the same values) and, where the Jacobian gave them for free, the second-layer products
+        ctx.spec, ctx.x, ctx.zs, ctx.extra, ctx.p_second = spec, cache.x, cache.zs, extra, p_second
         return gx, logdet
 
     @staticmethod
@@ -522,7 +547,7 @@ class _FusedLogdet(torch.autograd.Function):
             else:
                 a, b = _series_pairs(spec, cache, ctx.extra)
                 a = a * grad_logdet[:, None]
-        grad_x, grads = _backward(spec.mlp, cache, grad_gx, a, b)
+        grad_x, grads = _backward(spec.mlp, cache, grad_gx, a, b, None if a is None else ctx.p_second)
         return (None, grad_x, *spec.mlp.raw_weight_grads(grads))
 
 
@@ -573,8 +598,8 @@ def fused_logdet(
     # value only (evaluation, sampling): no autograd Function, nothing kept for a backward
     gx, cache = _forward(mlp, x, scratch=True)
     if method == "exact":
-        return gx, _exact_value(mlp, cache, with_inverse=False)[0]
-    return gx, _series_value(spec, cache)[0]
+        return gx, _exact_value(mlp, cache, for_backward=False)[0]
+    return gx, _series_value(spec, cache, for_backward=False)[0]
 
 
 def solver_net(mlp: FusedMLP) -> Callable[[Tensor], Tensor]:
@@ -631,20 +656,29 @@ def solver_net(mlp: FusedMLP) -> Callable[[Tensor], Tensor]:
 
 
 # -- Newton inverse -----------------------------------------------------------------------------
-def _jacobian(mlp: FusedMLP, cache: _Cache, rows: Tensor | None = None, scratch: bool = False) -> Tensor:
+def _jacobian(
+    mlp: FusedMLP, cache: _Cache, rows: Tensor | None = None, scratch: bool = False
+) -> tuple[Tensor, Tensor | None]:
     r"""Per-sample Jacobian ``(N, d, d)`` (of the samples ``rows`` if given): column $j$ is
     $J e_j$, whose first product $\tilde W_1 e_j$ is a column of $\tilde W_1$ (no matmul).
-    With ``scratch`` the hidden-layer temporaries are scratch tensors (the result is fresh)."""
+    With ``scratch`` the hidden-layer temporaries are scratch tensors (the result is fresh).
+
+    Also returns the products $\tilde W_2 D_1 \tilde W_1 e_j$, shape ``(d, N, h_2)`` (``None`` with
+    fewer than two hidden layers; a scratch tensor with ``scratch``), from which the backward's
+    $\tilde W_2 D_1 \tilde W_1 b$ follows for any $b$ without a matmul."""
     ds = cache.ds if rows is None else [d.index_select(0, rows) for d in cache.ds]
     p = mlp.weights[0].t().unsqueeze(1)  # (d, 1, h_1)
     n_layers = len(mlp.weights)
+    second = None
     for layer in range(1, n_layers):
         d = ds[layer - 1]
         q = torch.mul(p, d, out=_scratch(("jac_q", layer) if scratch else None, (p.shape[0], *d.shape), d))
         p = _mm(q, mlp.weights[layer].t(), ("jac_p", layer) if scratch and layer < n_layers - 1 else None)
+        if layer == 1 and n_layers > 2:
+            second = p
     if p.shape[1] == 1:  # a single linear layer: the same J for every sample
         p = p.expand(-1, cache.x.shape[0] if rows is None else rows.shape[0], -1)
-    return p.permute(1, 2, 0)
+    return p.permute(1, 2, 0), second
 
 
 def _solve(jac: Tensor, rhs: Tensor, transpose: bool) -> Tensor:
@@ -704,7 +738,7 @@ def _newton(mlp: FusedMLP, y: Tensor, tol: Tensor, max_iter: int) -> tuple[Tenso
         x_next = prev_fp
         if bool(newton.any()):
             rows = keep[newton]
-            step = _solve(_jacobian(mlp, cache, rows), (x_act + gx - y_act)[newton], transpose=False)
+            step = _solve(_jacobian(mlp, cache, rows)[0], (x_act + gx - y_act)[newton], transpose=False)
             x_next = prev_fp.clone()
             x_next[newton] = x_act[newton] - step
         x_act = x_next
@@ -741,7 +775,7 @@ class _NewtonInverse(torch.autograd.Function):
     def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         _, cache = _forward(ctx.mlp, x)
-        u = _solve(_jacobian(ctx.mlp, cache), grad_x, transpose=True)  # u = (I + J)^{-T} grad_x
+        u = _solve(_jacobian(ctx.mlp, cache)[0], grad_x, transpose=True)  # u = (I + J)^{-T} grad_x
         _, grads = _backward(ctx.mlp, cache, -u, None, None)
         return (None, u, *ctx.mlp.raw_weight_grads(grads))
 

@@ -93,6 +93,29 @@ def test_exact_logdet_equals_slogdet_of_autograd_jacobian() -> None:
     torch.testing.assert_close(logdet, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize(
+    ("dims", "options"),
+    [
+        ([2, 16, 16, 2], {"logdet": "exact"}),  # closed-form 2 x 2 determinant
+        ([3, 16, 3], {"logdet": "exact"}),  # slogdet
+        ([3, 16, 16, 3], {"logdet": "unbiased", "n_probes": 2}),
+    ],
+)
+def test_value_only_path_under_no_grad(dims: list[int], options: dict) -> None:
+    """Under no_grad the fused path skips its autograd Function: same values, nothing recorded."""
+    net = make_active_mlp(dims, coeff=0.9)
+    x = torch.randn(6, dims[0], dtype=torch.float64)
+    block = ResidualBlock(net, fused=True, **options)
+    torch.manual_seed(1)
+    y_graph, logdet_graph = block.forward_and_logdet(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y_value, logdet_value = block.forward_and_logdet(x)
+    assert logdet_graph.requires_grad and not logdet_value.requires_grad
+    torch.testing.assert_close(y_value, y_graph.detach(), rtol=TOL, atol=TOL)
+    torch.testing.assert_close(logdet_value, logdet_graph.detach(), rtol=TOL, atol=TOL)
+
+
 def test_eval_mode_and_inverse_match_generic_path() -> None:
     net = make_active_mlp([2, 16, 16, 2], coeff=0.97)
     y = torch.randn(7, 2, dtype=torch.float64) * 2
@@ -201,3 +224,18 @@ def test_newton_argument_checks() -> None:
         ResidualBlock(nn.Sequential(nn.Linear(2, 2)), inverse_method="newton")
     with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path"):
         ResidualBlock(LipschitzMLP([2, 8, 2]), inverse_method="newton", fused=False)
+
+
+@pytest.mark.parametrize("options", [{"logdet": "unbiased", "n_exact_terms": 4}, {"logdet": "exact"}])
+def test_backward_twice_with_retained_graph_gives_the_same_gradients(options: dict) -> None:
+    """The backward reads but never overwrites what the forward saved (pre-activations, Neumann
+    vectors, second-layer products)."""
+    net = make_active_mlp([2, 16, 16, 2], coeff=0.9)
+    block = ResidualBlock(net, fused=True, **options)
+    x = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    y, logdet = block.forward_and_logdet(x)
+    loss = logdet.sum() + y.pow(2).sum()
+    first = torch.autograd.grad(loss, [x, *net.parameters()], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, *net.parameters()])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
