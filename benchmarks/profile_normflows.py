@@ -5,7 +5,7 @@ Profiles one model of ``normflows_compare.build("ours", ...)`` (fresh, or a trai
 ``cProfile`` over training steps (forward_kld + backward + Adam). Prints the top entries of each,
 per call of ``sample`` and per training step.
 
-    python benchmarks/profile_normflows.py --load /tmp/bench/state.pt
+    python benchmarks/profile_normflows.py --load /tmp/bench3/state.pt
 """
 
 from __future__ import annotations
