@@ -31,7 +31,7 @@ from .errors import (
     check_positive_int,
     check_probability,
 )
-from .fused import fused_logdet, fused_mlp, newton_inverse, solver_net, supports_fused
+from .fused import FusedMLP, fused_logdet, fused_mlp, newton_inverse, solver_net, supports_fused
 from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import frozen_spectral_norm, lipschitz_bound, refresh_spectral_norm
 from .logdet import (
@@ -337,16 +337,23 @@ class ResidualBlock(nn.Module):
             return "exact" if event_size <= self.exact_max_dim else self.logdet_method
         return self.eval_logdet
 
-    def _logdet_flat(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """$g(x)$ and the log-det for flattened inputs; records diagnostics."""
+    def _logdet_flat(
+        self, x: Tensor, context: Tensor | None, fast_no_grad: FusedMLP | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """$g(x)$ and the log-det for flattened inputs; records diagnostics. ``fast_no_grad``: the
+        fused parameters if already read under ``no_grad`` in this call (used when no gradient is
+        needed)."""
         method = self._current_logdet_method(x[0].numel())
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in self.net.parameters())
             or (context is not None and context.requires_grad)
         )
-        with torch.set_grad_enabled(needs_grad):
-            fast = self._fused_net(context)
+        if fast_no_grad is not None and not needs_grad:
+            fast = fast_no_grad
+        else:
+            with torch.set_grad_enabled(needs_grad):
+                fast = self._fused_net(context)
         if method == "exact":
             self.last_diagnostics = Diagnostics("exact", None, None)
             with torch.set_grad_enabled(needs_grad):
@@ -452,6 +459,11 @@ class ResidualBlock(nn.Module):
             ValueError: If ``inverse_method="newton"`` is used with a context.
         """
         y_flat, context, _, shape = self._prepare(y, "y", context)
+        return self._inverse_flat(y_flat, context)[0].reshape(shape)
+
+    def _inverse_flat(self, y_flat: Tensor, context: Tensor | None) -> tuple[Tensor, FusedMLP | None]:
+        """The inverse for flattened, checked inputs; also the fused parameters it read under
+        ``no_grad`` (``None`` if none), for a log-det at the solution."""
         self.refresh_lipschitz()
         params = self._params() if torch.is_grad_enabled() else []
         if self.inverse_method == "newton":
@@ -464,7 +476,7 @@ class ResidualBlock(nn.Module):
                 lipschitz=self._certified_lipschitz,
             )
             self.last_diagnostics = Diagnostics(inverse=info)
-            return x.reshape(shape)
+            return x, None
         with torch.no_grad():
             fast = self._fused_net(context)
         g = self.g
@@ -480,7 +492,7 @@ class ResidualBlock(nn.Module):
             strict=self.strict, lipschitz=self._certified_lipschitz,
         )
         self.last_diagnostics = Diagnostics(inverse=info)
-        return x.reshape(shape)
+        return x, fast
 
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
@@ -493,12 +505,12 @@ class ResidualBlock(nn.Module):
         Returns:
             $x$ of shape ``(..., *event)`` and $\log\det(I + J_g(x))$ of the batch shape.
         """
-        x = self.inverse(y, context)
+        y_flat, context, batch_shape, shape = self._prepare(y, "y", context)
+        x_flat, fast = self._inverse_flat(y_flat, context)
         info = self.last_diagnostics.inverse
-        x_flat, context, batch_shape, _ = self._prepare(x, "x", context)
-        _, logdet = self._logdet_flat(x_flat, context)
+        _, logdet = self._logdet_flat(x_flat, context, fast)
         self.last_diagnostics.inverse = info
-        return x, self._check_logdet(logdet).reshape(batch_shape)
+        return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
 
     def extra_repr(self) -> str:
         return (
