@@ -37,6 +37,7 @@ Net = Callable[[Tensor], Tensor]
 _ANDERSON_MEMORY = 5
 _PROGRESS_WINDOW = 50  # plain iterations between progress checks
 _PROGRESS_FACTOR = 0.5  # the worst residual must at least halve per window, else Anderson takes over
+_COMPACT_FRACTION = 8  # finished samples leave the batch once they are 1/8 of it
 _ANDERSON_RIDGE = 1e-10
 
 
@@ -111,7 +112,8 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
 
     ``g(x_rows, rows)`` evaluates $g$ on the rows ``rows`` of the batch. The iterates of the
     samples still running are kept compact (no gather from the full batch per iteration); finished
-    rows are written back once."""
+    rows are written back and dropped once they make up an eighth of the rows still iterating (or
+    all of them), with the iterate of that iteration, whose residual met the tolerance."""
     x = y.clone()
     window_worst = None
     residual = torch.full_like(tol, float("inf"))
@@ -121,10 +123,13 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
         x_next = y_active - g(x_active, active)
         step_residual = _max_abs(x_next - x_active)  # = residual of x_active, exactly
         done = (step_residual <= tol_active) | ~torch.isfinite(step_residual)
-        if bool(done.any()):
-            if bool(done.all()):
-                x[active], residual[active] = x_next, step_residual
-                return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
+        n_done = int(done.sum())
+        if n_done == done.shape[0]:
+            x[active], residual[active] = x_next, step_residual
+            return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
+        # Finished samples leave the batch once they are an eighth of it: until then iterating them
+        # further costs less than compacting the batch, and keeps them converged.
+        if n_done * _COMPACT_FRACTION >= done.shape[0]:
             finished, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             rows = active.index_select(0, finished)
             x[rows], residual[rows] = x_next.index_select(0, finished), step_residual.index_select(0, finished)
