@@ -5,7 +5,7 @@ Profiles one model of ``normflows_compare.build("ours", ...)`` (fresh, or a trai
 ``cProfile`` over training steps (forward_kld + backward + Adam). Prints the top entries of each,
 per call of ``sample`` and per training step.
 
-    python benchmarks/profile_normflows.py --load /tmp/bench3/state.pt
+    python benchmarks/profile_normflows.py --load /tmp/bench5/state.pt
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ import argparse
 import cProfile
 import io
 import pstats
+import time
 
 import torch
 from normflows_compare import Trainer, build, two_moons
 from torch.profiler import ProfilerActivity, profile
+
+from pyro_iresnet import SpectralNormLinear
 
 
 def main() -> None:
@@ -48,6 +51,15 @@ def main() -> None:
     for event in sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total)[: args.rows]:
         print(f"  {event.key:40s} total {event.cpu_time_total / 1e3 / args.samples:7.2f}  "
               f"self {event.self_cpu_time_total / 1e3 / args.samples:7.2f}  calls {event.count // args.samples}")
+
+    layers = [m for m in model.modules() if isinstance(m, SpectralNormLinear)]
+    start = time.perf_counter()
+    for _ in range(100):
+        for layer in layers:
+            layer._power_step()
+    per_refresh = (time.perf_counter() - start) / 100
+    print(f"\none power-iteration step on each of the {len(layers)} spectrally normalised layers: "
+          f"{per_refresh * 1e3:.2f} ms (the cost of each extra n_power_iterations per training step)")
 
     batches = [two_moons(512, data) for _ in range(args.steps)]
     profiler = cProfile.Profile()
