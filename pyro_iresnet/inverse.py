@@ -113,7 +113,8 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
     ``g(x_rows, rows)`` evaluates $g$ on the rows ``rows`` of the batch. The iterates of the
     samples still running are kept compact (no gather from the full batch per iteration); finished
     rows are written back and dropped once they make up an eighth of the rows still iterating (or
-    all of them), with the iterate of that iteration, whose residual met the tolerance."""
+    all of them, or at a progress check), with the iterate of that iteration, whose residual met
+    the tolerance."""
     x = y.clone()
     window_worst = None
     residual = torch.full_like(tol, float("inf"))
@@ -127,9 +128,11 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
         if n_done == done.shape[0]:
             x[active], residual[active] = x_next, step_residual
             return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
-        # Finished samples leave the batch once they are an eighth of it: until then iterating them
-        # further costs less than compacting the batch, and keeps them converged.
-        if n_done * _COMPACT_FRACTION >= done.shape[0]:
+        # Finished samples leave the batch once they are an eighth of it (until then iterating them
+        # further costs less than compacting the batch, and keeps them converged), and before each
+        # progress check, so that only unfinished samples are judged or handed to Anderson.
+        check_progress = iteration % _PROGRESS_WINDOW == 0 and iteration < max_iter
+        if n_done and (n_done * _COMPACT_FRACTION >= done.shape[0] or check_progress):
             finished, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             rows = active.index_select(0, finished)
             x[rows], residual[rows] = x_next.index_select(0, finished), step_residual.index_select(0, finished)
@@ -137,7 +140,7 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
                 tol_active.index_select(0, keep)
             x_next, step_residual = x_next.index_select(0, keep), step_residual.index_select(0, keep)
         x_active = x_next
-        if iteration % _PROGRESS_WINDOW == 0 and iteration < max_iter:
+        if check_progress:
             worst = step_residual.max()
             if window_worst is not None and bool(worst > _PROGRESS_FACTOR * window_worst):
                 x[active], residual[active] = x_active, step_residual
@@ -150,13 +153,15 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
 def _finish_with_anderson(
     g: RowNet, y: Tensor, x: Tensor, residual: Tensor, tol: Tensor, active: Tensor, iteration: int, max_iter: int
 ) -> tuple[Tensor, SolveInfo]:
-    """Anderson acceleration on the ``active`` rows, from their current iterates."""
+    """Anderson acceleration on the ``active`` rows, from their current iterates; the other rows
+    have finished (met the tolerance, or diverged to NaN/Inf, which counts as not converged)."""
     x_rows, info = _anderson(
         lambda z, rows: g(z, active[rows]), y[active], tol[active], max_iter - iteration, x0=x[active]
     )
     x[active] = x_rows
     residual[active] = info.residual
-    return x, SolveInfo(iteration + info.iterations, residual, info.converged)
+    converged = info.converged and bool(torch.isfinite(residual).all())
+    return x, SolveInfo(iteration + info.iterations, residual, converged)
 
 
 def _anderson(

@@ -98,6 +98,18 @@ def test_stalled_forward_and_adjoint_solves_finish_with_anderson() -> None:
     assert torch.allclose(y.grad, torch.linalg.solve(eye_plus_w.T, upstream.T).T, atol=1e-10)
 
 
+def test_diverged_sample_beside_stalled_ones_is_reported() -> None:
+    """A NaN sample leaves the batch; the stalled ones finish with Anderson; the solve still
+    reports non-convergence because of the NaN one (and not before the others finished)."""
+    y = torch.randn(16, 2, dtype=torch.float64)
+    y[3] = float("nan")
+    with pytest.warns(ConvergenceWarning, match="diverged to NaN/Inf in 1 of 16"):
+        x, info = fixed_point_inverse(lambda x: 0.999 * torch.tanh(x), y)  # plain: ~20,000 iterations
+    assert not info.converged and info.iterations < 1000
+    residual = (x + 0.999 * torch.tanh(x) - y).abs().amax(1)
+    assert torch.isnan(residual[3]) and bool((residual[torch.arange(16) != 3] <= 1e-11).all())
+
+
 def test_adjoint_non_convergence_warns() -> None:
     # W has eigenvalues 0.5 and 0.995: y along the first converges in ~40 steps, the upstream
     # gradient along the second needs thousands, so only the adjoint solve runs out of max_iter
