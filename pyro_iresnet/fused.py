@@ -439,25 +439,27 @@ def _exact_value(mlp: FusedMLP, cache: _Cache, for_backward: bool = True) -> tup
     x = cache.x
     n, d = x.shape
     jac, second = _jacobian(mlp, cache, scratch=True)
+    inv_t = None
     if d == 1:
         det = 1 + jac[:, 0, 0]
-        inv_t = (1 / det).reshape(n, 1, 1) if for_backward else None
+        logdet = torch.log(det.abs())
+        if for_backward:
+            inv_t = (1 / det).reshape(n, 1, 1)
     elif d == 2:
         a, b = 1 + jac[:, 0, 0], jac[:, 0, 1]
         c, e = jac[:, 1, 0], 1 + jac[:, 1, 1]
         det = a * e - b * c
-        inv_t = None
+        logdet = torch.log(det.abs())
         if for_backward:
             inv_t = torch.stack([torch.stack([e, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
     else:
         mat = torch.eye(d, dtype=x.dtype, device=x.device) + jac
         logdet = torch.linalg.slogdet(mat).logabsdet
-        if not for_backward:
-            return logdet, None
-        return logdet, (torch.linalg.inv(mat).mT, None if second is None else second.clone())
+        if for_backward:
+            inv_t = torch.linalg.inv(mat).mT
     if not for_backward:
-        return torch.log(det.abs()), None
-    return torch.log(det.abs()), (inv_t, None if second is None else second.clone())
+        return logdet, None
+    return logdet, (inv_t, None if second is None else second.clone())
 
 
 def _series_value(
