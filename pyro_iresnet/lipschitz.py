@@ -37,10 +37,29 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import LipschitzWarning, check_choice, check_positive_int, check_unit_interval
 
 _MAX_INIT_ITERATIONS = 10_000
+
+# Optimisers that write parameters through ``.data`` (Pyro's ClippedAdam, for one) do not advance
+# the parameters' version counters, so every optimiser step in the process is counted as well.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _tensor_state(tensor: Tensor) -> tuple[int, int, int]:
+    """A key that changes whenever ``tensor`` may have changed: its storage, its version counter
+    (in-place updates, ``load_state_dict``) and the number of optimiser steps taken so far (updates
+    through ``.data``, which the version counter does not see)."""
+    return tensor.data_ptr(), tensor._version, _optimizer_steps[0]
 
 
 def _normalize(x: Tensor) -> Tensor:
@@ -75,8 +94,8 @@ class _SpectralNorm(nn.Module):
         self.coeff = check_unit_interval("coeff", coeff)
         self.n_power_iterations = check_positive_int("n_power_iterations", n_power_iterations)
         self._frozen = False
-        self._refreshed_for: tuple[int, int] | None = None
-        self._settled_for: tuple[int, int] | None = None
+        self._refreshed_for: tuple[int, int, int] | None = None
+        self._settled_for: tuple[int, int, int] | None = None
         self._buffers_match = (self.weight,)  # the Parameter object u and v were computed for
         with torch.no_grad():
             self.u.copy_(_normalize(torch.randn_like(self.u)))
@@ -111,7 +130,7 @@ class _SpectralNorm(nn.Module):
         $\|\tilde W\| \le c$ up to that tolerance. Repeated calls with unchanged weights (e.g. a
         forward and then an inverse) leave the operator as it is, so round trips are exact.
         """
-        version = (self.weight.data_ptr(), self.weight._version)
+        version = _tensor_state(self.weight)
         if not self.training:
             if version != self._settled_for:
                 self._converge_power_iteration(rtol=self._settle_rtol())

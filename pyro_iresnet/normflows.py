@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from .block import ResidualBlock
 from .conv import conv_operator_norm
 from .errors import check_choice, check_positive_int, check_probability
-from .lipschitz import lipschitz_bound, register_lipschitz_rule
+from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
 
@@ -320,7 +320,7 @@ class Residual(Flow):
     @torch.no_grad()
     def _refresh_induced_norms(self) -> None:
         for i, layer in enumerate(self._induced_norm_layers):
-            version = (layer.weight.data_ptr(), layer.weight._version)
+            version = _tensor_state(layer.weight)
             if version != self._refreshed_for[i]:
                 layer.compute_weight(update=True)
                 self._refreshed_for[i] = version

@@ -37,7 +37,7 @@ from torch.distributions import Transform, constraints
 
 from .block import ResidualBlock
 from .errors import check_positive_int
-from .lipschitz import LipschitzMLP, lipschitz_bound
+from .lipschitz import LipschitzMLP, _tensor_state, lipschitz_bound
 
 _NET_OPTIONS = ("coeff", "activation", "n_power_iterations")
 
@@ -65,11 +65,12 @@ class _ResidualTransform:
     def residual_net(self) -> nn.Module:
         return self.block.net
 
-    def _state(self) -> tuple[tuple[int, int], ...]:
-        """Storage and in-place version of every parameter (and of the context): an optimiser step
-        or ``.to()`` changes it, which invalidates the caches."""
+    def _state(self) -> tuple[tuple[int, int, int], ...]:
+        """Storage and in-place version of every parameter (and of the context), and the optimiser
+        steps taken: an optimiser step (also one writing through ``.data``) or ``.to()`` changes it,
+        which invalidates the caches."""
         tensors = [*self.block.parameters(), *(() if self._context is None else (self._context,))]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        return tuple(_tensor_state(t) for t in tensors)
 
     def _drop_stale_cache(self) -> None:
         if self._cached_state is not None and self._cached_state != self._state():

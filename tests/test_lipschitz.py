@@ -7,6 +7,7 @@ import math
 import pyro.distributions.transforms as T
 import pytest
 import torch
+from pyro.optim.clipped_adam import ClippedAdam
 from torch import nn
 
 from pyro_iresnet import (
@@ -161,3 +162,20 @@ def test_bound_at_or_above_one_is_reported() -> None:
             layer.v.copy_(v)
     with pytest.warns(LipschitzWarning, match=r"certified Lip\(g\) = .* >= 1"):
         assert lipschitz_bound(transform) >= 1
+
+
+def test_power_iteration_follows_an_optimizer_that_writes_through_data() -> None:
+    """Pyro's ClippedAdam updates ``p.data`` in place, which leaves the version counter as it was;
+    the layer must still notice the new weight (without that: stale u, v and a bound near 30)."""
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(8, 8, coeff=0.9)
+    optimizer = ClippedAdam(layer.parameters(), lr=0.2)
+    x = torch.randn(32, 8)
+    for _ in range(30):
+        optimizer.zero_grad()
+        (-layer(x).pow(2).sum()).backward()  # pushes the weight's norm up
+        optimizer.step()
+    with torch.no_grad():
+        layer(x)  # the training-mode forward after the last step refreshes the power iteration
+    assert float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2)) > 3  # the weight moved a lot
+    assert layer.lipschitz_constant() < 1.0
