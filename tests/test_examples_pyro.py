@@ -45,6 +45,7 @@ def test_pyro_vi(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(table) == {(m, g) for m in ("funnel", "logistic") for g in guides}
     for row in table.values():
         assert math.isfinite(row["elbo"]) and row["ms_per_step"] > 0
+    assert all(table[m, "i-ResNet"]["max_lip"] < 1.0 for m in ("funnel", "logistic"))
     # the funnel is normalised: every ELBO is a lower bound of log Z = 0 (up to Monte Carlo error)
     assert all(row["elbo"] < 0.5 for (model, _), row in table.items() if model == "funnel")
     assert "final ELBO" in capsys.readouterr().out
