@@ -62,8 +62,9 @@ def _tensor_state(tensor: Tensor) -> tuple[int, int, int]:
     return tensor.data_ptr(), tensor._version, _optimizer_steps[0]
 
 
-def _normalize(x: Tensor) -> Tensor:
-    return x / x.norm().clamp_min(torch.finfo(x.dtype).tiny)
+def _normalize_(x: Tensor) -> Tensor:
+    """``x / ||x||`` in place (``x`` is a fresh vector at every call site)."""
+    return x.div_(x.norm().clamp_min_(torch.finfo(x.dtype).tiny))
 
 
 class _SpectralNorm(nn.Module):
@@ -98,8 +99,8 @@ class _SpectralNorm(nn.Module):
         self._settled_for: tuple[int, int, int] | None = None
         self._buffers_match = (self.weight,)  # the Parameter object u and v were computed for
         with torch.no_grad():
-            self.u.copy_(_normalize(torch.randn_like(self.u)))
-            self.v.copy_(_normalize(torch.randn_like(self.v)))
+            self.u.copy_(_normalize_(torch.randn_like(self.u)))
+            self.v.copy_(_normalize_(torch.randn_like(self.v)))
             self._converge_power_iteration(rtol=1e-2)
 
     @torch.no_grad()
@@ -114,8 +115,8 @@ class _SpectralNorm(nn.Module):
     @torch.no_grad()
     def _power_step(self) -> None:
         w = self.weight.detach()
-        self.v.copy_(_normalize(self._apply_adjoint(w, self.u)))
-        self.u.copy_(_normalize(self._apply_op(w, self.v)))
+        self.v.copy_(_normalize_(self._apply_adjoint(w, self.u)))
+        self.u.copy_(_normalize_(self._apply_op(w, self.v)))
 
     def _settle_rtol(self) -> float:
         return max(1e-6, 100 * torch.finfo(self.weight.dtype).eps)
@@ -249,17 +250,6 @@ class SpectralNormLinear(_SpectralNorm):
     @staticmethod
     def _apply_op(w: Tensor, x: Tensor) -> Tensor:
         return w @ x
-
-    @torch.no_grad()
-    def _power_step(self) -> None:
-        r"""$v \leftarrow W^\top u / \|W^\top u\|$, $u \leftarrow W v / \|W v\|$, in place (matrix-vector
-        products straight into the buffers: half the operations of the generic step)."""
-        tiny = torch.finfo(self.weight.dtype).tiny
-        w = self.weight.detach()
-        v = torch.mv(w.t(), self.u, out=self.v)
-        v.div_(v.norm().clamp_min_(tiny))
-        u = torch.mv(w, v, out=self.u)
-        u.div_(u.norm().clamp_min_(tiny))
 
     @staticmethod
     def _apply_adjoint(w: Tensor, y: Tensor) -> Tensor:
