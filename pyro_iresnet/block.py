@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = ["Diagnostics", "ResidualBlock", "name_blocks"]
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -343,7 +344,7 @@ class ResidualBlock(nn.Module):
         """$g(x)$ and the log-det for flattened inputs; records diagnostics. ``fast_no_grad``: the
         fused parameters if already read under ``no_grad`` in this call (used when no gradient is
         needed)."""
-        method = self._current_logdet_method(x[0].numel())
+        method = self._current_logdet_method(math.prod(x.shape[1:]))
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in self.net.parameters())

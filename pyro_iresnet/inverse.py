@@ -113,8 +113,9 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
     ``g(x_rows, rows)`` evaluates $g$ on the rows ``rows`` of the batch. The iterates of the
     samples still running are kept compact (no gather from the full batch per iteration); finished
     rows are written back and dropped once they make up an eighth of the rows still iterating (or
-    all of them, or at a progress check), with the iterate of that iteration, whose residual met
-    the tolerance."""
+    all of them, or at a progress check). A finished sample returns the iterate whose residual was
+    checked, not the step computed from it, so ``SolveInfo.residual`` is the residual of the
+    returned point."""
     x = y.clone()
     window_worst = None
     residual = torch.full_like(tol, float("inf"))
@@ -126,7 +127,7 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
         done = (step_residual <= tol_active) | ~torch.isfinite(step_residual)
         n_done = int(done.sum())
         if n_done == done.shape[0]:
-            x[active], residual[active] = x_next, step_residual
+            x[active], residual[active] = x_active, step_residual
             return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
         # Finished samples leave the batch once they are an eighth of it (until then iterating them
         # further costs less than compacting the batch, and keeps them converged), and before each
@@ -135,7 +136,7 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
         if n_done and (n_done * _COMPACT_FRACTION >= done.shape[0] or check_progress):
             finished, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             rows = active.index_select(0, finished)
-            x[rows], residual[rows] = x_next.index_select(0, finished), step_residual.index_select(0, finished)
+            x[rows], residual[rows] = x_active.index_select(0, finished), step_residual.index_select(0, finished)
             active, y_active, tol_active = active.index_select(0, keep), y_active.index_select(0, keep), \
                 tol_active.index_select(0, keep)
             x_next, step_residual = x_next.index_select(0, keep), step_residual.index_select(0, keep)
@@ -183,7 +184,7 @@ def _anderson(
         gx = fixed_point_map(x)
         residual = (gx - x).abs().amax(1)
         if bool((residual <= tol).all()):
-            return gx.view_as(y), SolveInfo(iteration, residual, True)
+            return x.view_as(y), SolveInfo(iteration, residual, True)
         slot = (iteration - 1) % m
         xs[:, slot], gs[:, slot] = x, gx
         k = min(iteration, m)
@@ -203,7 +204,7 @@ def _anderson(
         alpha = torch.where(usable[:, None, None], alpha, plain)
         x = (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1)
     gx = fixed_point_map(x)
-    return gx.view_as(y), SolveInfo(max_iter, (gx - x).abs().amax(1), False)
+    return x.view_as(y), SolveInfo(max_iter, (gx - x).abs().amax(1), False)
 
 
 def _report(info: SolveInfo, what: str, strict: bool, lipschitz: float | None) -> None:

@@ -39,7 +39,7 @@ from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .errors import LipschitzWarning, check_choice, check_positive_int, check_unit_interval
+from .errors import LipschitzWarning, NonFiniteError, check_choice, check_positive_int, check_unit_interval
 
 _MAX_INIT_ITERATIONS = 10_000
 
@@ -65,6 +65,14 @@ def _tensor_state(tensor: Tensor) -> tuple[int, int, int]:
 def _normalize_(x: Tensor) -> Tensor:
     """``x / ||x||`` in place (``x`` is a fresh vector at every call site)."""
     return x.div_(x.norm().clamp_min_(torch.finfo(x.dtype).tiny))
+
+
+def _normalized_or_kept(x: Tensor, previous: Tensor) -> Tensor:
+    """``x / ||x||`` (in place), or ``previous`` if ``x`` holds NaN/Inf, decided on the device
+    without a host sync: a power step with a non-finite weight leaves the power iteration as it
+    was, so repairing the weight repairs the layer."""
+    norm = x.norm()
+    return torch.where(torch.isfinite(norm), x.div_(norm.clamp_min(torch.finfo(x.dtype).tiny)), previous)
 
 
 class _SpectralNorm(nn.Module):
@@ -105,7 +113,15 @@ class _SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _converge_power_iteration(self, rtol: float) -> None:
-        """Iterate until the estimate is within ``rtol`` of the exact norm (construction only)."""
+        """Iterate until the estimate is within ``rtol`` of the exact norm.
+
+        Raises:
+            NonFiniteError: If the weight holds NaN/Inf (its norm is undefined)."""
+        if not bool(torch.isfinite(self.weight).all()):
+            raise NonFiniteError(
+                f"the weight of {type(self).__name__}({self.extra_repr()}) holds NaN/Inf, so its spectral "
+                "norm is undefined; restore the weight (e.g. from a checkpoint) or lower the learning rate"
+            )
         exact = self.exact_operator_norm()
         for _ in range(_MAX_INIT_ITERATIONS):
             if self.sigma_estimate() >= (1.0 - rtol) * exact:
@@ -115,8 +131,8 @@ class _SpectralNorm(nn.Module):
     @torch.no_grad()
     def _power_step(self) -> None:
         w = self.weight.detach()
-        self.v.copy_(_normalize_(self._apply_adjoint(w, self.u)))
-        self.u.copy_(_normalize_(self._apply_op(w, self.v)))
+        self.v.copy_(_normalized_or_kept(self._apply_adjoint(w, self.u), self.v))
+        self.u.copy_(_normalized_or_kept(self._apply_op(w, self.v), self.u))
 
     def _settle_rtol(self) -> float:
         return max(1e-6, 100 * torch.finfo(self.weight.dtype).eps)
@@ -131,6 +147,7 @@ class _SpectralNorm(nn.Module):
         $\|\tilde W\| \le c$ up to that tolerance. Repeated calls with unchanged weights (e.g. a
         forward and then an inverse) leave the operator as it is, so round trips are exact.
         """
+        self._match_buffers()
         version = _tensor_state(self.weight)
         if not self.training:
             if version != self._settled_for:
@@ -167,9 +184,12 @@ class _SpectralNorm(nn.Module):
             self._buffers_match = (self.weight,)
 
     def sigma_estimate(self) -> Tensor:
-        r"""$\tilde\sigma = u^\top W v$, differentiable in $W$ (the buffers are constants)."""
+        r"""$\tilde\sigma = u^\top W v$, differentiable in $W$ (the buffers are constants; a recorded
+        graph holds copies of them, so a later power step cannot invalidate it)."""
         self._match_buffers()
-        return torch.sum(self.u * self._apply_op(self.weight, self.v))
+        if not torch.is_grad_enabled():
+            return torch.sum(self.u * self._apply_op(self.weight, self.v))
+        return torch.sum(self.u.clone() * self._apply_op(self.weight, self.v.clone()))
 
     def normalized_weight(self) -> Tensor:
         r"""$\tilde W = W / \max(1, \tilde\sigma / c)$."""

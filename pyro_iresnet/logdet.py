@@ -138,7 +138,7 @@ def _batch_jacobian(
 
     in_dims = (0, None if context is None else 0)
     jac, gx = torch.func.vmap(torch.func.jacrev(single, has_aux=True), in_dims=in_dims)(x, context)
-    dim = x[0].numel()
+    dim = math.prod(x.shape[1:])
     return gx, jac.reshape(x.shape[0], dim, dim)
 
 

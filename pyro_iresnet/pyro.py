@@ -52,7 +52,7 @@ class _ResidualTransform:
 
     def _init_transform(self, event_dim: int) -> None:
         self._cached_logdet: tuple[Tensor, Tensor, Tensor] | None = None
-        self._cached_state: tuple[tuple[int, int], ...] | None = None
+        self._cached_state: tuple | None = None
         if event_dim != 1:
             self.domain = constraints.independent(constraints.real, event_dim)
             self.codomain = constraints.independent(constraints.real, event_dim)
@@ -65,12 +65,13 @@ class _ResidualTransform:
     def residual_net(self) -> nn.Module:
         return self.block.net
 
-    def _state(self) -> tuple[tuple[int, int, int], ...]:
-        """Storage and in-place version of every parameter (and of the context), and the optimiser
-        steps taken: an optimiser step (also one writing through ``.data``) or ``.to()`` changes it,
+    def _state(self) -> tuple:
+        """The mode (``train()``/``eval()`` and whether gradients are recorded), and the storage and
+        in-place version of every parameter (and of the context) with the optimiser steps taken: a
+        mode switch, an optimiser step (also one writing through ``.data``) or ``.to()`` changes it,
         which invalidates the caches."""
         tensors = [*self.block.parameters(), *(() if self._context is None else (self._context,))]
-        return tuple(_tensor_state(t) for t in tensors)
+        return (self.block.training, torch.is_grad_enabled(), *(_tensor_state(t) for t in tensors))
 
     def _drop_stale_cache(self) -> None:
         if self._cached_state is not None and self._cached_state != self._state():
@@ -134,7 +135,8 @@ class InvertibleResidual(_ResidualTransform, TransformModule):
     Caching (``cache_size=1``): ``log_abs_det_jacobian(x, y)`` on the pair just returned by ``t(x)``
     is the log-det drawn in that call (no second estimator draw); any other pair is estimated
     afresh at ``x``. Both the pair and its log-det are dropped once a parameter changes in place
-    (an optimiser step) or moves, so no ``clear_cache()`` is needed between training steps.
+    (an optimiser step) or moves, so no ``clear_cache()`` is needed between training steps, and
+    when the mode (``train()``/``eval()``, gradients on/off) differs from the one they were made in.
 
     Args:
         net: The residual function $g$, e.g. :class:`~pyro_iresnet.LipschitzMLP`.
@@ -198,6 +200,18 @@ class ConditionedInvertibleResidual(_ResidualTransform, Transform):
         self.block = block
         self._context = context
         self._init_transform(block.event_dim)
+
+    def _broadcast_batch(self, shape: torch.Size) -> torch.Size:
+        """``shape`` with its batch part broadcast against the context's batch shape."""
+        event = shape[len(shape) - self.event_dim:]
+        batch = torch.broadcast_shapes(shape[: len(shape) - self.event_dim], self._context.shape[:-1])
+        return torch.Size((*batch, *event))
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        return self._broadcast_batch(shape)
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        return self._broadcast_batch(shape)
 
 
 class ConditionalInvertibleResidual(ConditionalTransformModule):

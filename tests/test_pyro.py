@@ -298,6 +298,50 @@ def test_cache_is_dropped_after_an_optimiser_step() -> None:
     )
 
 
+def test_cache_is_dropped_when_the_mode_changes() -> None:
+    """A pair cached in training mode (a random log-det draw) is not served in ``eval()``
+    (exact log-det), and one computed under ``no_grad`` is not served when gradients are on."""
+    t = activate(iresnet(2).to(DTYPE))
+    x = torch.randn(5, 2, dtype=DTYPE)
+    y_train = t(x)
+    t.eval()
+    y_eval = t(x)
+    assert y_eval is not y_train
+    exact = per_sample_logdet(lambda v: v + t.block.g(v), x)
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y_eval), exact)
+    t.train()
+    with torch.no_grad():
+        y_no_grad = t(x)
+    y_grad = t(x)
+    assert y_grad is not y_no_grad and y_grad.requires_grad
+
+
+def test_empty_batch() -> None:
+    t = activate(iresnet(2).to(DTYPE))
+    x = torch.zeros(0, 2, dtype=DTYPE)
+    for mode in (t.train, t.eval):
+        mode()
+        y = t(x)
+        assert y.shape == (0, 2) and t.log_abs_det_jacobian(x, y).shape == (0,)
+        assert t.inv(x.clone()).shape == (0, 2)
+    assert dist.TransformedDistribution(_base(2), [t]).sample((0,)).shape == (0, 2)
+
+
+def test_conditioned_shapes_broadcast_with_the_context() -> None:
+    """``forward_shape``/``inverse_shape`` follow the context's batch shape, as ``t(x)`` does, so
+    a conditioned distribution has the batch shape of its context."""
+    c = conditional_iresnet(2, CONTEXT_DIM).to(DTYPE)
+    t = c.condition(torch.randn(5, CONTEXT_DIM, dtype=DTYPE))
+    x = torch.randn(2, dtype=DTYPE)
+    assert t.forward_shape(x.shape) == t(x).shape == (5, 2)
+    assert t.inverse_shape(x.shape) == t.inv(x).shape == (5, 2)
+    assert t.forward_shape((7, 1, 2)) == (7, 5, 2)
+    flow = dist.ConditionalTransformedDistribution(_base(2), [c]).condition(torch.randn(5, CONTEXT_DIM, dtype=DTYPE))
+    assert flow.batch_shape == (5,)
+    samples = flow.sample((7,))
+    assert samples.shape == (7, 5, 2) and flow.log_prob(samples).shape == (7, 5)
+
+
 @pytest.mark.parametrize("logdet", ["exact", "series", "unbiased"])
 def test_gradient_through_the_output_only(logdet: str) -> None:
     t = activate(iresnet(2, logdet=logdet).to(DTYPE))

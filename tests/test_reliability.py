@@ -410,3 +410,59 @@ def test_eval_settles_power_iteration_after_the_weights_changed() -> None:
     assert lipschitz_bound(t) <= 0.9**3 * (1 + 1e-5)
     u = [m.u.clone() for m in layers]
     assert torch.equal(t(x), y) and all(torch.equal(m.u, a) for m, a in zip(layers, u))  # settled once
+
+
+# -- corrupted weights and state between calls ---------------------------------------------------------
+def test_nan_weight_leaves_power_iteration_intact_and_restoring_the_weight_repairs_the_block() -> None:
+    torch.manual_seed(0)
+    t = iresnet(2, hidden_dims=[8])
+    layer = t.residual_net.layers[0]
+    x = torch.randn(16, 2)
+    good = layer.weight.detach().clone()
+    buffers = layer.u.clone(), layer.v.clone()
+    with torch.no_grad():
+        layer.weight[0, 0] = NAN  # what an absurd learning rate does
+    with pytest.raises(NonFiniteError, match="log-det of residual block"):
+        t.block.forward_and_logdet(x)
+    assert torch.equal(layer.u, buffers[0]) and torch.equal(layer.v, buffers[1])  # not overwritten with NaN
+    t.eval()
+    with pytest.raises(NonFiniteError, match=r"weight of SpectralNormLinear\(.*\) holds NaN/Inf"):
+        t(x)
+    with torch.no_grad():
+        layer.weight.copy_(good)
+    for mode in (t.eval, t.train):
+        mode()
+        _, logdet = t.block.forward_and_logdet(x)
+        assert bool(torch.isfinite(logdet).all())
+    assert lipschitz_bound(t) < 1
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "generic"])
+def test_an_optimizer_step_between_forward_and_backward(fused: bool) -> None:
+    """Another model's optimiser step between a forward and its backward makes the next forward run a
+    power step; the first forward's graph must not depend on the buffers it overwrites."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([2, 16, 2], coeff=0.9), logdet="series", n_terms=3, fused=fused)
+    other = torch.nn.Linear(2, 2)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1)
+    first = sum(t.sum() for t in block.forward_and_logdet(torch.randn(4, 2)))
+    other(torch.randn(3, 2)).sum().backward()
+    other_optimizer.step()
+    second = sum(t.sum() for t in block.forward_and_logdet(torch.randn(4, 2)))
+    (first + second).backward()
+    assert all(p.grad is not None for p in block.parameters())
+
+
+@pytest.mark.parametrize("options", [dict(logdet="exact", fused=False), dict(exact_trace=True)],
+                         ids=["generic-exact", "exact-trace"])
+def test_swapped_in_weight_parameter_in_training_mode(options: dict) -> None:
+    """``pyro.module(..., update_module_params=True)`` swaps in new Parameters: the layer re-converges
+    its power iteration before the call, not inside the log-det's ``torch.func`` transform."""
+    torch.manual_seed(0)
+    t = iresnet(2, hidden_dims=[8], **options)
+    layer = t.residual_net.layers[0]
+    layer.weight = torch.nn.Parameter(3 * layer.weight.detach())
+    _, logdet = t.block.forward_and_logdet(torch.randn(4, 2))
+    assert bool(torch.isfinite(logdet).all())
+    exact = float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2))
+    assert abs(float(layer.sigma_estimate().detach()) / exact - 1) < 1e-5
