@@ -13,6 +13,8 @@ __all__ = [
     "NonFiniteError",
 ]
 
+from numbers import Integral, Real
+
 import torch
 from torch import Tensor
 
@@ -109,10 +111,11 @@ def check_unit_interval(name: str, value: float) -> float:
         value: The value to check.
 
     Returns:
-        ``value`` as a float.
+        ``value`` as a Python float.
 
     Raises:
-        TypeError: If ``value`` is not a real number (``bool`` included).
+        TypeError: If ``value`` is not a real number (``numbers.Real``, numpy scalars included;
+            ``bool`` refused).
         ValueError: If ``value`` is outside $(0, 1)$.
 
     Examples:
@@ -123,7 +126,7 @@ def check_unit_interval(name: str, value: float) -> float:
             ...
         ValueError: coeff must be in (0, 1), got 1.2
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
     if not 0.0 < value < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {value}")
@@ -138,21 +141,23 @@ def check_probability(name: str, value: float) -> float:
         value: The value to check.
 
     Returns:
-        ``value`` as a float.
+        ``value`` as a Python float.
 
     Raises:
-        TypeError: If ``value`` is not a real number (``bool`` included).
+        TypeError: If ``value`` is not a real number (``numbers.Real``, numpy scalars included;
+            ``bool`` refused).
         ValueError: If ``value`` is outside $(0, 1]$.
 
     Examples:
-        >>> check_probability("p", 1)
-        1.0
+        >>> import numpy as np
+        >>> check_probability("p", 1), check_probability("p", np.float32(0.5))
+        (1.0, 0.5)
         >>> check_probability("p", 0.0)
         Traceback (most recent call last):
             ...
         ValueError: p must be in (0, 1], got 0.0
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -168,15 +173,17 @@ def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
         minimum: Smallest allowed value.
 
     Returns:
-        ``value``.
+        ``value`` as a Python int.
 
     Raises:
-        TypeError: If ``value`` is not an ``int`` (``bool`` and ``float`` rejected).
+        TypeError: If ``value`` is not an integer (``numbers.Integral``, numpy integers included;
+            ``bool`` and floats refused).
         ValueError: If ``value < minimum``.
 
     Examples:
-        >>> check_positive_int("n_terms", 5)
-        5
+        >>> import numpy as np
+        >>> check_positive_int("n_terms", 5), check_positive_int("n_terms", np.int64(5))
+        (5, 5)
         >>> check_positive_int("n_exact_terms", -1, minimum=0)
         Traceback (most recent call last):
             ...
@@ -186,11 +193,11 @@ def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
             ...
         TypeError: n_terms must be an int, got float
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

@@ -25,8 +25,10 @@ __all__ = ["Residual"]
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
+from numbers import Real
 from types import MethodType
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,12 @@ from .errors import check_choice, check_positive_int, check_probability
 from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
+# The weight state (see ``_tensor_state``) each induced-norm layer's power iteration was last
+# refreshed for, kept per layer so that layers shared by several ``Residual``s are refreshed once.
+_REFRESHED_FOR: WeakKeyDictionary[nn.Module, tuple[int, int, int]] = WeakKeyDictionary()
+# normflows.flows.Residual's state_dict entries that have no counterpart here (estimator settings,
+# always constructor arguments, and the roulette's running statistics).
+_NORMFLOWS_ONLY_KEYS = ("geom_p", "lamb", "last_n_samples", "last_firmom", "last_secmom")
 
 
 def _event_dim(net: nn.Module) -> int:
@@ -56,9 +64,12 @@ def _event_dim(net: nn.Module) -> int:
 
 
 def _check_lamb(value: float) -> float:
-    """The Poisson roulette's rate, checked under normflows' name."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"lamb must be a float > 0, got {value!r}")
+    """The Poisson roulette's rate, checked under normflows' name: a real number (numpy scalars
+    included, ``bool`` refused) ``> 0``, returned as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"lamb must be a float > 0, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"lamb must be a float > 0, got {value}")
     return float(value)
 
 
@@ -100,14 +111,17 @@ def _block_options(
 
 def _normalized_weight(layer: InducedNormLinear | InducedNormConv2d, spatial: tuple[int, int]) -> Tensor:
     r"""The weight the layer applies, $W / \max(1, \tilde\sigma / c)$ with $\tilde\sigma = u^\top W v$,
-    as normflows' ``compute_weight(update=False)`` but without writing the ``scale`` buffer."""
-    weight = layer.weight
+    as normflows' ``compute_weight(update=False)`` but without writing the ``scale`` buffer.
+
+    The graph holds copies of ``u`` and ``v``: a later power iteration (another layer sharing the
+    net, or a new optimiser step) updates the buffers in place and must not invalidate a graph
+    recorded before it."""
+    weight, u, v = layer.weight, layer.u.clone(), layer.v.clone()
     if isinstance(layer, InducedNormLinear) or layer.kernel_size == (1, 1):
-        sigma = torch.dot(layer.u, torch.mv(weight.reshape(weight.shape[0], -1), layer.v))
+        sigma = torch.dot(u, torch.mv(weight.reshape(weight.shape[0], -1), v))
     else:
-        v = layer.v.reshape(1, layer.in_channels, *spatial)
-        wv = F.conv2d(v, weight, stride=layer.stride, padding=layer.padding)
-        sigma = torch.dot(layer.u, wv.reshape(-1))
+        wv = F.conv2d(v.reshape(1, layer.in_channels, *spatial), weight, stride=layer.stride, padding=layer.padding)
+        sigma = torch.dot(u, wv.reshape(-1))
     return weight / torch.clamp(sigma / layer.coeff, min=1.0)
 
 
@@ -120,22 +134,47 @@ def _pure_forward(
     return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
 
 
+def _input_sizes(layers: list[nn.Module]) -> list[tuple[int, int]]:
+    """The input size $(H, W)$ each ``InducedNormConv2d`` learned on its first forward (read from
+    the device: once per call of the layer, not per evaluation of $g$); ``(1, 1)`` for linears."""
+    return [
+        tuple(int(s) for s in layer.spatial_dims.tolist()) if isinstance(layer, InducedNormConv2d) else (1, 1)
+        for layer in layers
+    ]
+
+
 @contextmanager
-def _pure_forwards(layers: list[nn.Module]) -> Iterator[None]:
-    """Within the context, normflows' induced-norm layers compute the same output without
-    writing their ``scale`` buffer, so that ``torch.func`` transforms (the exact log-det's
-    batched Jacobian) can run them; a conv's input size is read once per call, not per
-    evaluation."""
-    for layer in layers:
-        spatial = (1, 1)
-        if isinstance(layer, InducedNormConv2d):
-            spatial = tuple(int(s) for s in layer.spatial_dims.tolist())
+def _pure_forwards(layers: list[nn.Module], input_sizes: list[tuple[int, int]]) -> Iterator[None]:
+    r"""Within the context, normflows' induced-norm layers compute the same output without
+    writing their ``scale`` buffer (so that ``torch.func`` transforms, the exact log-det's batched
+    Jacobian, can run them) and without rounding $\max(1, \tilde\sigma / c)$ to float32."""
+    for layer, spatial in zip(layers, input_sizes):
         layer.forward = MethodType(partial(_pure_forward, spatial=spatial), layer)
     try:
         yield
     finally:
         for layer in layers:
             del layer.forward
+
+
+class _NormflowsBlock(ResidualBlock):
+    r"""A :class:`~pyro_iresnet.ResidualBlock` whose every evaluation of $g$ runs normflows'
+    induced-norm layers through their pure forward (:func:`_pure_forwards`): in the forward pass
+    and at backward time alike (the memory-efficient estimator's re-run for per-sample weights,
+    the adjoint solve of the inverse), so gradients are those of the $g$ whose values were
+    returned. Its ``state_dict`` and :func:`~pyro_iresnet.lipschitz_bound` are the core block's."""
+
+    def __init__(self, net: nn.Module, **options: Any) -> None:
+        super().__init__(net, **options)
+        self.induced_norm_layers = [m for m in net.modules() if isinstance(m, _INDUCED_NORM_LAYERS)]
+        self.input_sizes = _input_sizes(self.induced_norm_layers)
+
+    def g(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """$g(x)$ as :meth:`ResidualBlock.g`, with normflows' layers in their pure forward."""
+        if not self.induced_norm_layers:  # e.g. the library's own LipschitzMLP
+            return super().g(x, context)
+        with _pure_forwards(self.induced_norm_layers, self.input_sizes):
+            return super().g(x, context)
 
 
 class Residual(Flow):
@@ -170,7 +209,13 @@ class Residual(Flow):
     their power iteration fresh in training mode: ``compute_weight(update=True)`` on each
     ``InducedNormLinear``/``InducedNormConv2d`` before the block runs, once per change of the
     weights (so a forward and an inverse between two optimiser steps see one operator).
-    ``normflows.utils.update_lipschitz`` is no longer needed, and calling it stays harmless.
+    ``normflows.utils.update_lipschitz`` is no longer needed, and calling it stays harmless. Layers
+    sharing one net (weight tying) refresh it once per change of its weights, whichever runs first.
+
+    ``load_state_dict`` also accepts checkpoints of ``normflows.flows.Residual``: their
+    ``iresblock.nnet.*`` entries load into the net, and their estimator entries (``geom_p``,
+    ``lamb``, the roulette statistics ``last_n_samples``, ``last_firmom``, ``last_secmom``) are
+    dropped, since here those settings are constructor arguments.
 
     Args:
         net: The residual function $g$ with $\mathrm{Lip}(g) < 1$: a
@@ -194,7 +239,9 @@ class Residual(Flow):
             ``len(net.event_shape)``, else 3 for 2-d convolutional nets, else 1.
 
     Raises:
-        TypeError: If ``net`` is not an ``nn.Module``.
+        TypeError: If ``net`` is not an ``nn.Module``, an argument has the wrong type (numpy
+            scalars are accepted, as in normflows) or an input is not a floating tensor of the
+            net's dtype.
         ValueError: If an argument is out of range (named as normflows names it) or an input does
             not have the ``(batch, *event)`` layout.
 
@@ -236,10 +283,9 @@ class Residual(Flow):
         ))
         block_options.update(options)
         self.reverse = bool(reverse)
-        self.block = ResidualBlock(net, **block_options)
-        self._induced_norm_layers = [m for m in net.modules() if isinstance(m, _INDUCED_NORM_LAYERS)]
-        self._refreshed_for: list[tuple[int, int] | None] = [None] * len(self._induced_norm_layers)
-        self._convs_initialized = not any(isinstance(m, InducedNormConv2d) for m in self._induced_norm_layers)
+        self.block = _NormflowsBlock(net, **block_options)
+        self._convs_initialized = not any(isinstance(m, InducedNormConv2d) for m in self.block.induced_norm_layers)
+        self._register_load_state_dict_pre_hook(_load_normflows_checkpoint)
 
     @property
     def geom_p(self) -> float:
@@ -292,13 +338,11 @@ class Residual(Flow):
 
     def _explicit(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._prepare(x)
-        with _pure_forwards(self._induced_norm_layers):
-            return self.block.forward_and_logdet(x)
+        return self.block.forward_and_logdet(x)
 
     def _solve(self, y: Tensor) -> tuple[Tensor, Tensor]:
         self._prepare(y)
-        with _pure_forwards(self._induced_norm_layers):
-            x, logdet = self.block.inverse_and_logdet(y)
+        x, logdet = self.block.inverse_and_logdet(y)
         return x, -logdet
 
     def _prepare(self, z: Tensor) -> None:
@@ -311,22 +355,37 @@ class Residual(Flow):
                 f"got {tuple(z.shape)}"
             )
         if not self._convs_initialized:  # their convs learn the input size on the first forward
+            self.block._check_tensor(z, "z")  # dtype errors name z, not normflows' conv
             with torch.no_grad():
                 self.block.net(z[:1])
             self._convs_initialized = True
+        self.block.input_sizes = _input_sizes(self.block.induced_norm_layers)
         if self.training:
             self._refresh_induced_norms()
 
     @torch.no_grad()
     def _refresh_induced_norms(self) -> None:
-        for i, layer in enumerate(self._induced_norm_layers):
+        """``compute_weight(update=True)`` on each induced-norm layer whose weight changed since its
+        last refresh, by this layer or by another one sharing the net."""
+        for layer in self.block.induced_norm_layers:
             version = _tensor_state(layer.weight)
-            if version != self._refreshed_for[i]:
+            if _REFRESHED_FOR.get(layer) != version:
                 layer.compute_weight(update=True)
-                self._refreshed_for[i] = version
+                _REFRESHED_FOR[layer] = version
 
     def extra_repr(self) -> str:
         return f"reverse={self.reverse}"
+
+
+def _load_normflows_checkpoint(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of :class:`Residual`: a ``normflows.flows.Residual`` entry
+    ``iresblock.nnet.*`` is renamed to ``block.net.*`` and its normflows-only entries are dropped
+    (``state_dict`` is ``load_state_dict``'s own copy, edited in place)."""
+    old, new = prefix + "iresblock.nnet.", prefix + "block.net."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[new + key[len(old):]] = state_dict.pop(key)
+    for name in _NORMFLOWS_ONLY_KEYS:
+        state_dict.pop(prefix + "iresblock." + name, None)
 
 
 # -- lipschitz_bound rules for normflows' nets ------------------------------------------------

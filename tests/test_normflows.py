@@ -1,6 +1,7 @@
 """normflows adapter: issue 4's six defects of ``normflows.flows.Residual`` (each check passes on
 ours and is shown to fail on theirs), mixing with normflows layers, normflows' own ``FlowTest``,
-power-iteration upkeep of normflows' nets and ``lipschitz_bound`` rules."""
+power-iteration upkeep of normflows' nets (weight tying included), ``lipschitz_bound`` rules,
+normflows checkpoints and argument types."""
 
 from __future__ import annotations
 
@@ -474,3 +475,125 @@ def test_normflows_nets_match_their_own_forward(kind: str) -> None:
         for row in flat
     ])
     torch.testing.assert_close(logdet, reference, rtol=1e-7, atol=1e-7)
+
+
+# -- regressions: weight tying, evaluations at backward time, checkpoints, argument types -----
+def test_normflows_net_shared_by_two_layers() -> None:
+    """Weight tying: one normflows net under two layers is refreshed once per change of its
+    weights, whichever layer runs first, and a later refresh never invalidates a recorded graph."""
+    net = nf.nets.LipschitzMLP([2, 16, 2], lipschitz_const=0.9)
+    flows = [Residual(net), nf.flows.ActNorm(2), Residual(net)]
+    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
+    x = torch.randn(8, 2)
+    model.forward_kld(x).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    linear = net.net[1]
+    flows[0].inverse(x)
+    version = linear.u._version
+    flows[2].inverse(x)  # the same operator: no second power iteration
+    assert linear.u._version == version
+    _, logdet = flows[0].inverse(x)
+    other = nn.Linear(2, 2)
+    torch.optim.SGD(other.parameters(), lr=0.1).step()  # an optimiser step elsewhere: a refresh is due
+    _, logdet_after = flows[2].inverse(x)
+    assert linear.u._version != version
+    (logdet.sum() + logdet_after.sum()).backward()
+
+
+def _count_normflows_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count calls of normflows' own ``InducedNormLinear.forward`` / ``InducedNormConv2d.forward``."""
+    calls = [0]
+    for cls in (nf.nets.lipschitz.InducedNormLinear, nf.nets.lipschitz.InducedNormConv2d):
+        def counting(self, x, original=cls.forward):
+            calls[0] += 1
+            return original(self, x)
+
+        monkeypatch.setattr(cls, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_normflows_nets_never_run_their_own_forward(reverse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every evaluation of g, in the forward pass and at backward time (the memory-efficient
+    re-run for per-sample weights, the inverse's adjoint solve), uses the pure forward."""
+    net = nf.nets.LipschitzMLP([3, 16, 3], lipschitz_const=0.9, init_zeros=False).double()
+    layer = Residual(net, reverse=reverse).train()
+    calls = _count_normflows_forwards(monkeypatch)
+    for direction in (layer.inverse, layer.forward):
+        z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        out, logdet = direction(z)
+        (out.sum() + (torch.randn(5, dtype=torch.float64) * logdet).sum()).backward()
+    assert calls[0] == 0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_normflows_nets_weighted_gradient(kind: str) -> None:
+    """With normflows' nets too, the memory-efficient gradient of a per-sample weighted loss equals
+    the plain autograd path with the same draws (to 1e-9, as docs/normflows.md states)."""
+    if kind == "mlp":
+        net = nf.nets.LipschitzMLP([3, 16, 3], lipschitz_const=0.9, init_zeros=False).double()
+        x0 = torch.randn(5, 3, dtype=torch.float64)
+    else:
+        net = nf.nets.LipschitzCNN([2, 4, 2], [3, 3], lipschitz_const=0.9, init_zeros=False).double()
+        x0 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    weights = torch.randn(len(x0), dtype=torch.float64)
+    grads = []
+    for memory_efficient in (True, False):
+        layer = Residual(net, memory_efficient=memory_efficient).train()
+        layer.inverse(x0)  # power iteration refreshed once; then the operator stays put
+        torch.manual_seed(1)
+        x = x0.clone().requires_grad_()
+        y, logdet = layer.inverse(x)
+        grads.append(torch.autograd.grad((weights * logdet).sum() + y.square().sum(), [x, *net.parameters()]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def _two_moons_flow(cls: type) -> nf.NormalizingFlow:
+    torch.manual_seed(0)
+    flows = []
+    for _ in range(2):
+        flows += [cls(nf.nets.LipschitzMLP([2, 16, 2], lipschitz_const=0.9, init_zeros=False)), nf.flows.ActNorm(2)]
+    return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
+
+
+def test_loads_normflows_checkpoint() -> None:
+    """A state_dict saved with normflows.flows.Residual loads (strict) after the one-line import
+    change and gives the same densities (eval: exact log-det in both for 2-d data)."""
+    theirs = _two_moons_flow(TheirResidual)
+    x = torch.randn(16, 2)
+    theirs.log_prob(x)  # ActNorm's data-dependent initialisation
+    nf.utils.update_lipschitz(theirs, 5)
+    state = copy.deepcopy(theirs.state_dict())
+    ours = _two_moons_flow(Residual)
+    ours.load_state_dict(state)
+    theirs.eval(), ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.log_prob(x), theirs.log_prob(x), rtol=1e-5, atol=1e-5)
+    assert set(ours.state_dict()) == {k.replace("iresblock.nnet.", "block.net.") for k in state
+                                      if ".iresblock." not in k or ".iresblock.nnet." in k}
+
+
+def test_numpy_scalar_arguments() -> None:
+    """numpy scalars are accepted where normflows accepts them (and converted); bools and floats
+    for integers are still refused."""
+    layer = Residual(LipschitzMLP([2, 8, 2], coeff=0.9), geom_p=np.float32(0.5), lamb=np.float32(2.0),
+                     n_samples=np.int64(2), n_power_series=np.int64(5))
+    assert (layer.geom_p, layer.lamb, layer.block.n_roulette_draws, layer.block.n_terms) == (0.5, 2.0, 2, 5)
+    assert type(layer.lamb) is float and type(layer.block.n_terms) is int
+    layer.inverse(torch.randn(3, 2))
+    with pytest.raises(TypeError, match="n_samples must be an int, got float"):
+        Residual(LipschitzMLP([2, 8, 2]), n_samples=2.0)
+    with pytest.raises(TypeError, match="lamb must be a float > 0, got bool"):
+        Residual(LipschitzMLP([2, 8, 2]), lamb=True)
+    with pytest.raises(ValueError, match="lamb must be a float > 0, got -1.0"):
+        Residual(LipschitzMLP([2, 8, 2]), lamb=np.float32(-1.0))
+
+
+def test_conv_net_input_dtype_checked_first() -> None:
+    """A mismatched input dtype is a TypeError naming z, before the conv's setup forward, on every call."""
+    layer = Residual(nf.nets.LipschitzCNN([2, 4, 2], [3, 3], lipschitz_const=0.9))
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"z has dtype torch\.float64 but the block's parameters are torch\.float"):
+            layer.inverse(torch.randn(2, 2, 4, 4, dtype=torch.float64))
+    assert layer.inverse(torch.randn(2, 2, 4, 4))[0].shape == (2, 2, 4, 4)
