@@ -101,7 +101,8 @@ def conv_operator_norm(weight: Tensor, input_shape: Sequence[int], padding: int)
         $\|A\|_2$ as a float.
 
     Raises:
-        ValueError: If ``input_shape`` is not three positive ints.
+        ValueError: If ``input_shape`` is not three positive ints, or the convolution has no output
+            on it.
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
@@ -115,21 +116,30 @@ def conv_operator_norm(weight: Tensor, input_shape: Sequence[int], padding: int)
         True
     """
     c, h, w = _check_shape("input_shape", input_shape)
+    out_shape = (weight.shape[0], h + 2 * padding - weight.shape[2] + 1, w + 2 * padding - weight.shape[3] + 1)
+    if min(out_shape[1:]) < 1:
+        raise ValueError(
+            f"a {tuple(weight.shape[2:])} kernel with padding {padding} has no output on inputs of shape {(c, h, w)}"
+        )
     with torch.no_grad():
         weight = weight.detach().double()
-        n_in = c * h * w
-        n_out = weight.shape[0] * h * w
+        n_in, n_out = c * h * w, math.prod(out_shape)
         if min(n_in, n_out) <= _DENSE_MAX_SIDE:
-            basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).reshape(n_in, c, h, w)
-            rows = F.conv2d(basis, weight, padding=padding).reshape(n_in, n_out)  # A^T
-            gram = rows @ rows.T if n_in <= n_out else rows.T @ rows
-            return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt())
+            # the rows of A^T (convolve the input basis) or of A (transposed-convolve the output
+            # basis), whichever is smaller; the norm is that of the smaller Gram matrix
+            if n_in <= n_out:
+                basis = torch.eye(n_in, dtype=weight.dtype, device=weight.device).reshape(n_in, c, h, w)
+                rows = F.conv2d(basis, weight, padding=padding).reshape(n_in, n_out)
+            else:
+                basis = torch.eye(n_out, dtype=weight.dtype, device=weight.device).reshape(n_out, *out_shape)
+                rows = F.conv_transpose2d(basis, weight, padding=padding).reshape(n_out, n_in)
+            return float(torch.linalg.eigvalsh(rows @ rows.T)[-1].clamp_min(0.0).sqrt())
 
         def gram_matvec(v: Tensor) -> Tensor:
             return F.conv_transpose2d(F.conv2d(v, weight, padding=padding), weight, padding=padding)
 
-        generator = torch.Generator().manual_seed(0)
-        start = torch.randn(1, c, h, w, dtype=weight.dtype, generator=generator).to(weight.device)
+        generator = torch.Generator().manual_seed(0)  # a CPU generator, whatever the default device
+        start = torch.randn(1, c, h, w, dtype=weight.dtype, generator=generator, device="cpu").to(weight.device)
         return math.sqrt(max(_lanczos_max_eigenvalue(gram_matvec, start), 0.0))
 
 

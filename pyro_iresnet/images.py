@@ -1,7 +1,9 @@
 r"""Image flows: convolutional i-ResNet blocks, squeeze, actnorm, logit preprocessing, multi-scale.
 
 Every transform here is a Pyro ``TransformModule`` on images $(C, H, W)$ (``event_dim = 3``) with
-``cache_size=1``, so ``ComposeTransform`` reuses the values and log-dets of the pass just run.
+``cache_size=1``, so ``ComposeTransform`` reuses the values and log-dets of the pass just run;
+each cache is dropped when the mode (``train()``/``eval()``, gradients on/off) or a parameter
+changes, so the same input passed again after an optimiser step is computed afresh.
 :func:`multiscale_iresnet` stacks them Glow-style: per scale a :class:`Squeeze`, ``n_blocks`` pairs
 of :class:`ActNorm` + :func:`conv_iresnet`, then (optionally) half of the channels are factored out
 and the rest go to the next scale.
@@ -53,7 +55,7 @@ from torch.distributions import constraints
 
 from .conv import LipschitzCNN, _check_shape
 from .errors import check_positive_int, check_unit_interval
-from .pyro import InvertibleResidual, _split_options
+from .pyro import InvertibleResidual, _FreshCache, _split_options
 
 _IMAGE = constraints.independent(constraints.real, 3)
 
@@ -83,7 +85,7 @@ def _depth_to_space(y: Tensor) -> Tensor:
     return y.reshape(*batch, c // 4, 2 * h, 2 * w)
 
 
-class Squeeze(TransformModule):
+class Squeeze(_FreshCache, TransformModule):
     r"""Space-to-depth $(C, H, W) \to (4C, H/2, W/2)$: each $2\times2$ patch becomes 4 channels
     (channel $4c + 2i + j$ holds pixel $(2h + i, 2w + j)$ of channel $c$, as in normflows). A
     permutation: exact inverse, log-det 0.
@@ -157,14 +159,18 @@ class Unsqueeze(Squeeze):
         return super().forward_shape(shape)
 
 
-class ActNorm(TransformModule):
+class ActNorm(_FreshCache, TransformModule):
     r"""Per-channel affine map $y_{c,h,w} = e^{s_c} x_{c,h,w} + b_c$ with data-dependent
     initialisation, log-det $H W \sum_c s_c$.
 
     The first call of the explicit map ($x \mapsto y$) sets $s_c = -\log(\mathrm{std}_c + \epsilon)$
     and $b_c = -\mathrm{mean}_c\, e^{s_c}$ from that batch, so its output has zero mean and unit
     variance per channel; an inverse call before it uses the identity. Whether the initialisation
-    happened is a buffer, so a loaded checkpoint is not re-initialised.
+    happened is a buffer, so a loaded checkpoint (or one broadcast by DDP) is not re-initialised.
+    A first batch with fewer than two values per channel leaves the map as the identity and the
+    initialisation to the next call. Under DDP each rank would initialise from its own batch: run
+    one forward before wrapping the model, so that DDP's constructor broadcasts rank 0's parameters
+    and buffers.
 
     Args:
         num_channels: Channels $C$.
@@ -203,6 +209,8 @@ class ActNorm(TransformModule):
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         per_channel = x.detach().movedim(-3, 0).reshape(self.num_channels, -1)
+        if per_channel.shape[1] < 2:  # no standard deviation yet: stay the identity until then
+            return
         log_scale = -torch.log(per_channel.std(dim=1) + self.eps)
         self.log_scale.copy_(log_scale)
         self.bias.copy_(-per_channel.mean(dim=1) * log_scale.exp())
@@ -214,6 +222,8 @@ class ActNorm(TransformModule):
 
     def _call(self, x: Tensor) -> Tensor:
         _check_image("x", x, self.num_channels)
+        if not self._initialized:  # read the buffer: it may have been set by a load or a broadcast
+            self._initialized = bool(self.initialized)
         if not self._initialized:
             self._initialize(x)
         log_scale, bias = self._affine()
@@ -232,8 +242,9 @@ class ActNorm(TransformModule):
         return f"num_channels={self.num_channels}"
 
 
-class LogitTransform(TransformModule):
-    r"""Logit preprocessing of dequantised data $v \in (0, K)^{C\times H\times W}$:
+class LogitTransform(_FreshCache, TransformModule):
+    r"""Logit preprocessing of dequantised data $v \in (0, K)^{C\times H\times W}$ (the map is defined
+    on the slightly larger interval where $p \in (0, 1)$, which also holds the model's samples):
 
     $$ y = \operatorname{logit}(p), \quad p = \alpha + (1 - 2\alpha)\, v / K, \qquad
        \log\Big|\det\frac{\partial y}{\partial v}\Big| = \sum_i \big[\log(1 - 2\alpha) - \log K
@@ -268,7 +279,12 @@ class LogitTransform(TransformModule):
         if not 0.0 < alpha < 0.5:
             raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
         self.alpha = float(alpha)
-        self.domain = constraints.independent(constraints.interval(0.0, float(levels)), 3)
+        # the bijection's domain: p in (0, 1), i.e. v in (-alpha K, (1 - alpha) K) / (1 - 2 alpha),
+        # which contains the data range (0, K) and the model's samples alike
+        scale = self.levels / (1.0 - 2.0 * self.alpha)
+        self.domain = constraints.independent(
+            constraints.interval(-self.alpha * scale, (1.0 - self.alpha) * scale), 3
+        )
 
     def _p(self, v: Tensor) -> Tensor:
         return self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels
@@ -350,7 +366,7 @@ def bits_per_dim(log_prob: Tensor, num_dims: int) -> Tensor:
     return -log_prob / (check_positive_int("num_dims", num_dims) * math.log(2.0))
 
 
-class FactorOut(TransformModule):
+class FactorOut(_FreshCache, TransformModule):
     r"""Multi-scale factor-out: $y = (f(x_{1:k}), x_{k+1:C})$ along channels.
 
     The first ``keep_channels`` channels go through ``inner`` (which must keep their shape, e.g. a
@@ -411,12 +427,17 @@ class FactorOut(TransformModule):
         return torch.cat([self.inner.inv(y1), y2], dim=-3)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
+        self._drop_stale_cache()
         cached = self._cached_logdet
         if cached is not None and cached[0] is x and cached[1] is y:
             return cached[2]
         x1, _ = self._split(x, "x")
         y1, _ = self._split(y, "y")
         return self.inner.log_abs_det_jacobian(x1, y1)
+
+    def clear_cache(self) -> None:
+        super().clear_cache()
+        self._cached_logdet = None
 
     def extra_repr(self) -> str:
         return f"keep_channels={self.keep_channels}"
@@ -475,7 +496,7 @@ def conv_iresnet(
     return InvertibleResidual(net, event_dim=3, **block_options)
 
 
-class MultiscaleTransform(TransformModule):
+class MultiscaleTransform(_FreshCache, TransformModule):
     r"""A flow from latents $z$ to data $x$ (both of the data's shape) whose inverse is explicit.
 
     ``encoder`` maps data to latents with explicit maps only (residual blocks, actnorm, squeezes,
@@ -532,7 +553,7 @@ class MultiscaleTransform(TransformModule):
 def _scale(
     shape: tuple[int, int, int], scales_left: int, n_blocks: int, factor_out: bool, actnorm: bool,
     block_kwargs: dict[str, Any],
-) -> ComposeTransformModule:
+) -> _Compose:
     """Squeeze, blocks, the next scale (factored out or not), unsqueeze: shape-preserving."""
     c, h, w = shape
     if h % 2 or w % 2:
@@ -551,7 +572,15 @@ def _scale(
         else:
             parts.append(_scale(inner, scales_left - 1, n_blocks, factor_out, actnorm, block_kwargs))
     parts.append(Unsqueeze())
-    return ComposeTransformModule(parts, cache_size=1)
+    return _Compose(parts)
+
+
+class _Compose(_FreshCache, ComposeTransformModule):
+    """``ComposeTransformModule`` with ``cache_size=1`` whose cache is dropped when the mode or a
+    parameter of a part changes (see the module docstring)."""
+
+    def __init__(self, parts: Sequence[TransformModule]) -> None:
+        super().__init__(parts, cache_size=1)
 
 
 def multiscale_iresnet(
@@ -622,4 +651,4 @@ def multiscale_iresnet(
     if levels is not None:
         parts.append(LogitTransform(levels, alpha))
     parts.append(_scale(shape, n_scales, n_blocks, factor_out, actnorm, block_kwargs))
-    return MultiscaleTransform(ComposeTransformModule(parts, cache_size=1))
+    return MultiscaleTransform(_Compose(parts))

@@ -276,9 +276,11 @@ class SpectralNormLinear(_SpectralNorm):
         return w.t() @ y
 
     def exact_operator_norm(self) -> float:
-        r"""Exact spectral norm $\|W\|_2$ of the raw weight (``torch.linalg.matrix_norm(ord=2)``)."""
+        r"""Exact spectral norm $\|W\|_2$ of the raw weight (``torch.linalg.matrix_norm(ord=2)``, in
+        float64 for lower precisions, which it does not support)."""
         with torch.no_grad():
-            return float(torch.linalg.matrix_norm(self.weight, ord=2))
+            weight = self.weight if self.weight.dtype in (torch.float32, torch.float64) else self.weight.double()
+            return float(torch.linalg.matrix_norm(weight, ord=2))
 
     def forward(self, x: Tensor) -> Tensor:
         r"""$\tilde W x + b$ for ``x`` of shape ``(..., in_features)`` (power iteration first, in

@@ -202,8 +202,8 @@ def _survival(roulette: str, param: float, m: int) -> float:
     if roulette == "geometric":  # N >= 1 trials until first success
         return (1.0 - param) ** max(m - 1, 0)
     # Poisson: P(N >= m) = regularised lower incomplete gamma P(m, lam)
-    return float(torch.special.gammainc(torch.tensor(float(m), dtype=torch.float64),
-                                        torch.tensor(param, dtype=torch.float64)))
+    return float(torch.special.gammainc(torch.tensor(float(m), dtype=torch.float64, device="cpu"),
+                                        torch.tensor(param, dtype=torch.float64, device="cpu")))
 
 
 def roulette_weights(
@@ -244,9 +244,9 @@ def roulette_weights(
     """
     check_choice("roulette", roulette, ("geometric", "poisson"))
     if roulette == "geometric":
-        draws = torch.empty(n_draws, dtype=torch.float64).geometric_(param)
+        draws = torch.empty(n_draws, dtype=torch.float64, device="cpu").geometric_(param)
     else:
-        draws = torch.poisson(torch.full((n_draws,), float(param), dtype=torch.float64))
+        draws = torch.poisson(torch.full((n_draws,), float(param), dtype=torch.float64, device="cpu"))
     counts = [int(d) for d in draws.tolist()]  # CPU tensor: no device sync
     n_terms = max(n_exact_terms + max(counts), 1)
     weights = []

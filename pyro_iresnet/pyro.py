@@ -42,7 +42,50 @@ from .lipschitz import LipschitzMLP, _tensor_state, lipschitz_bound
 _NET_OPTIONS = ("coeff", "activation", "n_power_iterations")
 
 
-class _ResidualTransform:
+class _FreshCache:
+    """torch's one-pair transform cache (``cache_size=1``), dropped when the state it was made in
+    changes: the mode (``train()``/``eval()``, gradients recorded or not) or a tensor it depends
+    on (a parameter updated in place, an optimiser step, also one writing through ``.data``, or
+    ``.to()``). So the same input tensor passed again after a training step, or first under
+    ``no_grad`` and then with gradients, is computed afresh instead of served stale.
+
+    Put it before the torch/Pyro ``Transform`` base class; ``_state_tensors`` and ``_training``
+    say what the state is (by default the module's parameters and its ``training`` flag)."""
+
+    _cached_state: tuple | None = None
+
+    def _state_tensors(self) -> list[Tensor]:
+        return list(self.parameters())
+
+    def _training(self) -> bool:
+        return self.training
+
+    def _state(self) -> tuple:
+        return (self._training(), torch.is_grad_enabled(), *(_tensor_state(t) for t in self._state_tensors()))
+
+    def _drop_stale_cache(self) -> None:
+        if self._cached_state is not None and self._cached_state != self._state():
+            self.clear_cache()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self._drop_stale_cache()
+        y = super().__call__(x)
+        self._cached_state = self._state()
+        return y
+
+    def _inv_call(self, y: Tensor) -> Tensor:
+        self._drop_stale_cache()
+        x = super()._inv_call(y)
+        self._cached_state = self._state()
+        return x
+
+    def clear_cache(self) -> None:
+        """Forget the cached pair (not needed after an optimiser step: see the class docstring)."""
+        self._cached_x_y = None, None
+        self._cached_state = None
+
+
+class _ResidualTransform(_FreshCache):
     """``_call``/``_inverse``/``log_abs_det_jacobian`` shared by the plain and conditioned transforms."""
 
     bijective = True
@@ -52,7 +95,6 @@ class _ResidualTransform:
 
     def _init_transform(self, event_dim: int) -> None:
         self._cached_logdet: tuple[Tensor, Tensor, Tensor] | None = None
-        self._cached_state: tuple | None = None
         if event_dim != 1:
             self.domain = constraints.independent(constraints.real, event_dim)
             self.codomain = constraints.independent(constraints.real, event_dim)
@@ -65,36 +107,20 @@ class _ResidualTransform:
     def residual_net(self) -> nn.Module:
         return self.block.net
 
-    def _state(self) -> tuple:
-        """The mode (``train()``/``eval()`` and whether gradients are recorded), and the storage and
-        in-place version of every parameter (and of the context) with the optimiser steps taken: a
-        mode switch, an optimiser step (also one writing through ``.data``) or ``.to()`` changes it,
-        which invalidates the caches."""
-        tensors = [*self.block.parameters(), *(() if self._context is None else (self._context,))]
-        return (self.block.training, torch.is_grad_enabled(), *(_tensor_state(t) for t in tensors))
+    def _state_tensors(self) -> list[Tensor]:
+        """The block's parameters and the context."""
+        return [*self.block.parameters(), *(() if self._context is None else (self._context,))]
 
-    def _drop_stale_cache(self) -> None:
-        if self._cached_state is not None and self._cached_state != self._state():
-            self.clear_cache()
-
-    def __call__(self, x: Tensor) -> Tensor:
-        self._drop_stale_cache()
-        return super().__call__(x)
-
-    def _inv_call(self, y: Tensor) -> Tensor:
-        self._drop_stale_cache()
-        return super()._inv_call(y)
+    def _training(self) -> bool:
+        return self.block.training
 
     def _call(self, x: Tensor) -> Tensor:
         y, logdet = self.block.forward_and_logdet(x, self._context)
         self._cached_logdet = (x, y, logdet)
-        self._cached_state = self._state()
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
-        x = self.block.inverse(y, self._context)
-        self._cached_state = self._state()
-        return x
+        return self.block.inverse(y, self._context)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         """Log-det of ``x -> y``, shape = batch shape. The pair just produced by ``_call`` is served
@@ -107,10 +133,9 @@ class _ResidualTransform:
 
     def clear_cache(self) -> None:
         """Forget the cached pair and its log-det. Not needed after an optimiser step: the caches
-        are dropped automatically once a parameter (or the context) changes in place."""
-        self._cached_x_y = None, None
+        are dropped automatically once a parameter (or the context) changes in place, or the mode."""
+        super().clear_cache()
         self._cached_logdet = None
-        self._cached_state = None
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         return torch.Size(shape)

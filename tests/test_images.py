@@ -335,3 +335,60 @@ def test_multiscale_normalizing_flow_matches_pyro_and_trains() -> None:
     samples, log_q = model.sample(2)
     assert samples.shape == (2, 1, 8, 8) and torch.isfinite(log_q).all()
     assert lipschitz_bound(model) < 1.0
+
+
+def test_multiscale_caches_follow_parameters_and_mode() -> None:
+    """The same data tensor every step (full-batch training): each step's log-density and gradients
+    are those of the current parameters, not of a cached pass."""
+    torch.manual_seed(0)
+    t, flow = make_flow(logdet="exact")
+    optimizer = torch.optim.Adam(t.parameters(), lr=0.05)
+    v = digits_like(8)
+    with torch.no_grad():
+        flow.log_prob(v)  # a no-grad pass on the same tensor first
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = -flow.log_prob(v).mean()
+        with torch.no_grad():
+            torch.testing.assert_close(loss, -flow.log_prob(v.clone()).mean())
+        loss.backward()
+        assert all(p.grad is not None for p in t.parameters() if p.requires_grad)
+        optimizer.step()
+
+
+def test_logit_model_scores_its_own_samples() -> None:
+    """Samples can leave (0, K) (the logit's inverse maps R onto a slightly larger interval); the
+    declared support contains them, so ``log_prob`` with argument validation accepts them."""
+    torch.manual_seed(0)
+    _, flow = make_flow()
+    with torch.no_grad():
+        samples = flow.sample((64,))
+        assert bool(((samples < 0) | (samples > 17)).any())  # the case the support must cover
+        assert torch.isfinite(flow.log_prob(samples)).all()
+
+
+def test_actnorm_waits_for_two_values_per_channel_and_respects_a_set_buffer() -> None:
+    t = ActNorm(2)
+    single = torch.randn(1, 2, 1, 1)
+    assert torch.equal(t(single), single) and not bool(t.initialized)  # no std from one value: identity
+    batch = torch.randn(16, 2, 3, 3) * 3 + 1
+    y = t(batch)
+    assert bool(t.initialized) and torch.isfinite(y).all()
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    # parameters and the buffer written from elsewhere (a DDP broadcast): not re-initialised
+    other = ActNorm(2)
+    with torch.no_grad():
+        for mine, theirs in zip([*other.parameters(), *other.buffers()], [*t.parameters(), *t.buffers()]):
+            mine.copy_(theirs)
+    x = torch.randn(4, 2, 3, 3)
+    assert torch.equal(other(x), t(x))
+
+
+@pytest.mark.parametrize(("out_channels", "padding"), [(4, 0), (4, 2), (1, 1)],
+                         ids=["no-padding", "wide-padding", "wide-to-narrow"])
+def test_conv_operator_norm_other_paddings_and_narrow_outputs(out_channels: int, padding: int) -> None:
+    weight = torch.randn(out_channels, 3, 3, 3, dtype=DTYPE)
+    x = torch.randn(3, 5, 6, dtype=DTYPE)
+    op = jacobian(lambda z: F.conv2d(z.unsqueeze(0), weight, padding=padding).squeeze(0), x)
+    expected = float(torch.linalg.matrix_norm(op, ord=2))
+    assert conv_operator_norm(weight, (3, 5, 6), padding=padding) == pytest.approx(expected, rel=1e-10)

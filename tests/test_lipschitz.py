@@ -179,3 +179,14 @@ def test_power_iteration_follows_an_optimizer_that_writes_through_data() -> None
         layer(x)  # the training-mode forward after the last step refreshes the power iteration
     assert float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2)) > 3  # the weight moved a lot
     assert layer.lipschitz_constant() < 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_eval_mode_and_certificate_in_half_precision(dtype: torch.dtype) -> None:
+    """The exact norm (eval()'s settle, lipschitz_bound) is computed in float64 for half-precision
+    weights, which torch.linalg.matrix_norm does not support."""
+    torch.manual_seed(0)
+    t = iresnet(3, hidden_dims=[8], eval_logdet="unbiased").to(dtype).eval()
+    x = torch.randn(4, 3, dtype=dtype)
+    assert t(x).dtype == dtype and torch.isfinite(t(x)).all()
+    assert lipschitz_bound(t) < 1

@@ -193,3 +193,12 @@ def test_eval_logdet_modes(fused: bool | str) -> None:
     block.eval_logdet = "series"
     block.forward_and_logdet(x)
     assert block.last_diagnostics.logdet_method == "series" and block.last_diagnostics.n_terms == 10
+
+
+def test_roulette_draws_stay_on_the_cpu_under_another_default_device() -> None:
+    """The roulette length is drawn on the CPU (no device sync to read it back), also when another
+    default device is set ('meta' stands in for an accelerator: reading it back would fail)."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        assert len(roulette_weights(2, "geometric", 0.5)) >= 2
+        assert len(roulette_weights(2, "poisson", 2.0)) >= 2
