@@ -269,7 +269,8 @@ class _ImplicitInverse(torch.autograd.Function):
                 (jtu,) = torch.autograd.grad(gx, x_leaf, u_full, retain_graph=True)
                 return jtu if rows.numel() == n else jtu[rows]
 
-            # the same solver as the forward: u <- v - J^T u, per-sample exit, Anderson if it stalls
+            # the plain fixed point (whatever the forward's method): u <- v - J^T u, per-sample exit,
+            # Anderson if it stalls
             tol = _residual_tolerance(grad_x, config.atol, config.rtol)
             u, info = _plain_fixed_point(jtu_rows, grad_x, tol, config.max_iter)
             if not info.converged:

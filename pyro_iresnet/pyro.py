@@ -350,8 +350,10 @@ def iresnet(input_dim: int, hidden_dims: Sequence[int] | None = None, **options:
         $\mathrm{Lip}(g) \lesssim c^{L}$ ($L$ = ``len(hidden_dims) + 1`` layers).
 
     Raises:
-        TypeError: If ``input_dim`` is not an int or ``hidden_dims`` not a sequence of ints.
-        ValueError: If a size is below 1 or an option is out of range.
+        TypeError: If ``input_dim`` is not an int (``bool`` included), or ``hidden_dims`` is not a
+            sequence (e.g. ``hidden_dims=3``; a ``str`` does not count).
+        ValueError: If ``input_dim`` is below 1, ``hidden_dims`` is empty or holds an entry that is
+            not a positive int (e.g. ``[1.5]``, ``[0]``, ``[True]``), or an option is out of range.
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
@@ -384,8 +386,10 @@ def conditional_iresnet(
         ``LipschitzMLP([d + context_dim, *hidden_dims, d])``.
 
     Raises:
-        TypeError: If a size is not an int or ``hidden_dims`` not a sequence of ints.
-        ValueError: If a size is below 1 or an option is out of range.
+        TypeError: If ``input_dim`` or ``context_dim`` is not an int, or ``hidden_dims`` is not a
+            sequence.
+        ValueError: If ``input_dim`` or ``context_dim`` is below 1, ``hidden_dims`` is empty or holds
+            an entry that is not a positive int, or an option is out of range.
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
