@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from pyro_iresnet import ConvergenceError, ConvergenceWarning, ResidualBlock, lipschitz_bound
+from pyro_iresnet import ConvergenceError, ConvergenceWarning, ResidualBlock, iresnet, lipschitz_bound
 from pyro_iresnet.inverse import fixed_point_inverse
 from tests.conftest import make_active_mlp
 
@@ -215,3 +215,15 @@ def test_reported_residual_is_that_of_the_returned_point(method: str) -> None:
     assert info.converged
     torch.testing.assert_close(info.residual, residual, rtol=0, atol=1e-15)
     assert bool((residual <= 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("method", ["fixed_point", "newton"])
+def test_half_precision_inverse_reaches_its_default_tolerance(dtype: torch.dtype, method: str) -> None:
+    """float16 and bfloat16 solves converge at their dtype's default tolerance (a ConvergenceWarning
+    would fail the test); Newton's d > 2 solve is factorised in float32."""
+    torch.manual_seed(0)
+    t = iresnet(3, hidden_dims=[8], inverse_method=method).to(dtype).eval()
+    y = 2 * torch.randn(16, 3, dtype=dtype)
+    x = t.inv(y)
+    assert x.dtype == dtype and t.block.last_diagnostics.inverse.converged

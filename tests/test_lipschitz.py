@@ -183,10 +183,16 @@ def test_power_iteration_follows_an_optimizer_that_writes_through_data() -> None
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_eval_mode_and_certificate_in_half_precision(dtype: torch.dtype) -> None:
-    """The exact norm (eval()'s settle, lipschitz_bound) is computed in float64 for half-precision
-    weights, which torch.linalg.matrix_norm does not support."""
+    """Half-precision weights and inputs: the exact norm (eval()'s settle, lipschitz_bound) is
+    computed in float64 and the exact log-det's factorisation in float32 (torch's matrix_norm and
+    slogdet take neither float16 nor bfloat16); results come back in the model's dtype."""
     torch.manual_seed(0)
-    t = iresnet(3, hidden_dims=[8], eval_logdet="unbiased").to(dtype).eval()
+    t = iresnet(3, hidden_dims=[8], logdet="exact").to(dtype)
     x = torch.randn(4, 3, dtype=dtype)
-    assert t(x).dtype == dtype and torch.isfinite(t(x)).all()
+    _, logdet = t.block.forward_and_logdet(x)
+    logdet.sum().backward()  # training: the exact log-det and its gradient
+    assert logdet.dtype == dtype and all(torch.isfinite(p.grad).all() for p in t.parameters() if p.grad is not None)
+    t.eval()  # eval(): the settle and the exact log-det (eval_logdet="auto")
+    y = t(x)
+    assert y.dtype == dtype and torch.isfinite(t.log_abs_det_jacobian(x, y)).all()
     assert lipschitz_bound(t) < 1
