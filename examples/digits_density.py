@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=2, help="i-ResNet blocks per scale")
     parser.add_argument("--scales", type=int, default=2)
     parser.add_argument("--coeff", type=float, default=0.9, help="Lipschitz target of each conv")
+    parser.add_argument("--power-iterations", type=int, default=5,
+                        help="power-iteration steps per weight change of each conv (the library's default)")
     parser.add_argument("--glow-blocks", type=int, default=None,
                         help="Glow blocks (default: blocks x scales)")
     parser.add_argument("--repeats", type=int, default=2, help="dequantisation draws per test image")
@@ -74,6 +76,7 @@ class IResNetModel:
         self.transform = multiscale_iresnet(
             SHAPE, n_scales=args.scales, n_blocks=args.blocks, hidden_channels=args.hidden,
             levels=LEVELS, coeff=args.coeff, logdet="unbiased", n_exact_terms=2,
+            n_power_iterations=args.power_iterations,
         )
         base = dist.Normal(torch.zeros(SHAPE), 1.0).to_event(3)
         self.flow = dist.TransformedDistribution(base, [self.transform])

@@ -164,7 +164,9 @@ class SpectralNormConv2d(_SpectralNorm):
         input_shape: $(C, H, W)$ of the inputs the operator norm refers to; inputs have shape
             ``(N, C, H, W)`` and outputs ``(N, C', H, W)``.
         coeff: Lipschitz target $c \in (0, 1)$.
-        n_power_iterations: Power-iteration steps per change of the weight.
+        n_power_iterations: Power-iteration steps per change of the weight. The default 5 (1 for
+            linear layers) keeps $\tilde\sigma$ up with Adam on convolution operators, whose power
+            iteration converges slowly; each step convolves a single image twice.
         bias: Whether to learn a per-channel bias.
 
     Raises:
@@ -189,7 +191,7 @@ class SpectralNormConv2d(_SpectralNorm):
         kernel_size: int,
         input_shape: Sequence[int],
         coeff: float = 0.97,
-        n_power_iterations: int = 1,
+        n_power_iterations: int = 5,
         bias: bool = True,
     ) -> None:
         super().__init__()
@@ -246,7 +248,8 @@ class LipschitzCNN(nn.Module):
         input_shape: $(C, H, W)$ of the inputs; the spatial size is kept.
         coeff: Lipschitz target of every convolution, in $(0, 1)$.
         activation: ``"lipswish"`` or ``"elu"`` (both 1-Lipschitz).
-        n_power_iterations: Power-iteration steps per change of the weights.
+        n_power_iterations: Power-iteration steps per change of the weights (default 5, see
+            :class:`SpectralNormConv2d`).
 
     Raises:
         ValueError: If the channels, kernel sizes and ``input_shape`` do not fit together, a
@@ -270,7 +273,7 @@ class LipschitzCNN(nn.Module):
         input_shape: Sequence[int],
         coeff: float = 0.97,
         activation: str = "lipswish",
-        n_power_iterations: int = 1,
+        n_power_iterations: int = 5,
     ) -> None:
         super().__init__()
         channels, kernel_sizes = list(channels), list(kernel_sizes)
