@@ -1,4 +1,4 @@
-"""Where ``model.sample(512)`` spends its time, ours vs ``normflows.flows.Residual`` (issue 4).
+r"""Where ``model.sample(512)`` spends its time, ours vs ``normflows.flows.Residual`` (issue 4).
 
 The models of ``normflows_compare.py`` (16 x [Residual(2-128-128-2, coeff 0.9), ActNorm]), fresh
 (after 22 training steps, as the fresh state there) and, with ``--load``, at a trained state saved by
@@ -11,9 +11,10 @@ under ``no_grad``:
   MLP), theirs ``iResBlock._logdetgrad`` (autograd's Jacobian, as normflows does in eval mode);
 
 and "rest" is everything else in ``sample`` (base samples, ActNorm, checks). Median of ``--reps``
-calls per state, interleaved.
+calls per state, interleaved. Also printed, per side: the largest residual
+$\|x + g(x) - y\|_\infty$ any block's solve left in the last call (computed after the timing).
 
-    python benchmarks/sampling_breakdown.py --load /tmp/bench5/state.pt
+    python benchmarks/sampling_breakdown.py --load /tmp/bench6/state.pt
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from pyro_iresnet import ResidualBlock
 PARTS = ("solve", "log-det", "rest", "total")
 
 
-def timed_parts(model: nf.NormalizingFlow, which: str) -> dict[str, float]:
+def timed_parts(model: nf.NormalizingFlow, which: str, solves: list) -> dict[str, float]:
     """Wrap each block's solve and log-det (instance attributes) to add their wall-clock seconds to
-    the returned dict, which is reset by the caller before each ``sample``."""
+    the returned dict, which is reset by the caller before each ``sample``; each solve also appends
+    ``(g, y, x)`` to ``solves``."""
     spent = {"solve": 0.0, "log-det": 0.0}
 
-    def wrap(obj: object, name: str, part: str) -> None:
+    def wrap(obj: object, name: str, part: str, g: Callable | None = None) -> None:
         method: Callable = getattr(obj, name)
 
         def timed(*args: object, **kwargs: object) -> object:
@@ -47,34 +49,50 @@ def timed_parts(model: nf.NormalizingFlow, which: str) -> dict[str, float]:
             finally:
                 spent[part] += time.perf_counter() - start
 
-        setattr(obj, name, timed)
+        def timed_solve(y: torch.Tensor, *args: object) -> object:
+            out = timed(y, *args)
+            solves.append((g, y, out[0] if isinstance(out, tuple) else out))
+            return out
+
+        setattr(obj, name, timed if g is None else timed_solve)
 
     for m in model.modules():
         if which == "ours" and isinstance(m, ResidualBlock):
-            wrap(m, "_inverse_flat", "solve")
+            wrap(m, "_inverse_flat", "solve", m.g)
             wrap(m, "_logdet_flat", "log-det")
         elif which == "theirs" and isinstance(m, nf.flows.residual.iResBlock):
-            wrap(m, "_inverse_fixed_point", "solve")
+            wrap(m, "_inverse_fixed_point", "solve", m.nnet)
             wrap(m, "_logdetgrad", "log-det")
     return spent
 
 
+def worst_residual(solves: list) -> float:
+    r"""The largest $\|x + g(x) - y\|_\infty$ over the samples and blocks of ``solves``."""
+    with torch.no_grad():
+        return max(float((x + g(x) - y).abs().max()) for g, y, x in solves)
+
+
 def breakdown(
-    models: dict[str, nf.NormalizingFlow], spent: dict[str, dict[str, float]], reps: int
+    models: dict[str, nf.NormalizingFlow], spent: dict[str, dict[str, float]], solves: dict[str, list], reps: int
 ) -> dict[str, dict[str, float]]:
-    """Median seconds per part; ``spent`` from :func:`timed_parts` of each model."""
+    """Median seconds per part, and the worst residual of the last call; ``spent`` and ``solves``
+    from :func:`timed_parts` of each model."""
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in models}
     for _ in range(reps):
         for k, model in models.items():
             model.eval()
             for part in spent[k]:
                 spent[k][part] = 0.0
+            solves[k].clear()
             with torch.no_grad():
                 start = time.perf_counter()
                 model.sample(512)
                 total = time.perf_counter() - start
             runs[k].append({**spent[k], "rest": total - sum(spent[k].values()), "total": total})
-    return {k: {p: statistics.median(r[p] for r in v) for p in PARTS} for k, v in runs.items()}
+    times = {k: {p: statistics.median(r[p] for r in v) for p in PARTS} for k, v in runs.items()}
+    for k in models:
+        times[k]["residual"] = worst_residual(solves[k])
+    return times
 
 
 def report(label: str, times: dict[str, dict[str, float]]) -> None:
@@ -82,6 +100,7 @@ def report(label: str, times: dict[str, dict[str, float]]) -> None:
     for part in PARTS:
         o, t = times["ours"][part], times["theirs"][part]
         print(f"| {part} | {o * 1e3:.1f} | {t * 1e3:.1f} | {t / o:.2f}x |")
+    print(f"| worst residual of a solve | {times['ours']['residual']:.1e} | {times['theirs']['residual']:.1e} | |")
 
 
 def main() -> None:
@@ -104,13 +123,14 @@ def main() -> None:
         for trainer in trainers.values():
             trainer.step(x)
     set_inverse_method(models["ours"], "fixed_point", args.atol)
-    spent = {k: timed_parts(m, k) for k, m in models.items()}
-    report("fresh (22 training steps)", breakdown(models, spent, args.reps))
+    solves: dict[str, list] = {k: [] for k in models}
+    spent = {k: timed_parts(m, k, solves[k]) for k, m in models.items()}
+    report("fresh (22 training steps)", breakdown(models, spent, solves, args.reps))
     if args.load:
         state = torch.load(args.load)
         for k, m in models.items():
             m.load_state_dict(state[k])
-        report(f"trained ({args.load})", breakdown(models, spent, args.reps))
+        report(f"trained ({args.load})", breakdown(models, spent, solves, args.reps))
 
 
 if __name__ == "__main__":
