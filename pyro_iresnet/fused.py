@@ -47,10 +47,10 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .inverse import SolveInfo, _solve_in_float32_or_better, default_tolerances
+from .inverse import SolveInfo, default_tolerances
 from .inverse import _report as report_nonconvergence
 from .lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear
-from .logdet import _inverse_matrix, _log_abs_det
+from .logdet import _upcast_half
 
 _LIPSWISH_SCALE = 1.1
 
@@ -455,9 +455,9 @@ def _exact_value(mlp: FusedMLP, cache: _Cache, for_backward: bool = True) -> tup
             inv_t = torch.stack([torch.stack([e, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
     else:
         mat = torch.eye(d, dtype=x.dtype, device=x.device) + jac
-        logdet = _log_abs_det(mat)
+        logdet = torch.linalg.slogdet(_upcast_half(mat)).logabsdet.to(x.dtype)
         if for_backward:
-            inv_t = _inverse_matrix(mat).mT
+            inv_t = torch.linalg.inv(_upcast_half(mat)).to(x.dtype).mT
     if not for_backward:
         return logdet, None
     return logdet, (inv_t, None if second is None else second.clone())
@@ -697,8 +697,8 @@ def _solve(jac: Tensor, rhs: Tensor, transpose: bool) -> Tensor:
         r0, r1 = rhs[:, 0], rhs[:, 1]
         return torch.stack([e * r0 - b * r1, a * r1 - c * r0], 1) / det[:, None]
     mat = torch.eye(d, dtype=rhs.dtype, device=rhs.device) + jac
-    solution, _ = _solve_in_float32_or_better(mat.mT if transpose else mat, rhs.unsqueeze(-1))
-    return solution.squeeze(-1)
+    mat = _upcast_half(mat.mT if transpose else mat)
+    return torch.linalg.solve(mat, _upcast_half(rhs).unsqueeze(-1)).squeeze(-1).to(rhs.dtype)
 
 
 _NEWTON_SWITCH = 0.25

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConvergenceError, ConvergenceWarning, check_choice, check_positive_int
+from .logdet import _upcast_half
 
 Net = Callable[[Tensor], Tensor]
 
@@ -198,8 +199,8 @@ def _anderson(
         ridge = max(_ANDERSON_RIDGE, 100 * finfo.eps) * scale
         gram = gram + ridge[:, None, None] * torch.eye(k, dtype=y.dtype, device=y.device)
         ones = torch.ones(n, k, 1, dtype=y.dtype, device=y.device)
-        alpha, status = _solve_in_float32_or_better(gram, ones)
-        alpha = alpha / alpha.sum(1, keepdim=True)
+        alpha, status = torch.linalg.solve_ex(_upcast_half(gram), _upcast_half(ones))
+        alpha = (alpha / alpha.sum(1, keepdim=True)).to(y.dtype)
         # Where the least-squares system is singular or ill-posed, take the plain fixed-point step.
         plain = torch.zeros_like(alpha)
         plain[:, slot] = 1.0
@@ -208,15 +209,6 @@ def _anderson(
         x = (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1)
     gx = fixed_point_map(x)
     return x.view_as(y), SolveInfo(max_iter, (gx - x).abs().amax(1), False)
-
-
-def _solve_in_float32_or_better(mat: Tensor, rhs: Tensor) -> tuple[Tensor, Tensor]:
-    """``torch.linalg.solve_ex`` (solution, status); half-precision systems, which the LU
-    factorisation does not take, are solved in float32 and the solution cast back."""
-    if mat.dtype in (torch.float16, torch.bfloat16):
-        solution, status = torch.linalg.solve_ex(mat.float(), rhs.float())
-        return solution.to(mat.dtype), status
-    return torch.linalg.solve_ex(mat, rhs)
 
 
 def _report(info: SolveInfo, what: str, strict: bool, lipschitz: float | None) -> None:

@@ -40,6 +40,7 @@ from torch.distributions.transforms import ComposeTransform, _InverseTransform
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import LipschitzWarning, NonFiniteError, check_choice, check_positive_int, check_unit_interval
+from .logdet import _upcast_half
 
 _MAX_INIT_ITERATIONS = 10_000
 
@@ -280,10 +281,9 @@ class SpectralNormLinear(_SpectralNorm):
 
     def exact_operator_norm(self) -> float:
         r"""Exact spectral norm $\|W\|_2$ of the raw weight (``torch.linalg.matrix_norm(ord=2)``, in
-        float64 for lower precisions, which it does not support)."""
+        float32 for half-precision weights, which it does not take)."""
         with torch.no_grad():
-            weight = self.weight if self.weight.dtype in (torch.float32, torch.float64) else self.weight.double()
-            return float(torch.linalg.matrix_norm(weight, ord=2))
+            return float(torch.linalg.matrix_norm(_upcast_half(self.weight), ord=2))
 
     def forward(self, x: Tensor) -> Tensor:
         r"""$\tilde W x + b$ for ``x`` of shape ``(..., in_features)`` (power iteration first, in

@@ -124,25 +124,13 @@ def exact_logdet(g: Callable[..., Tensor], x: Tensor, context: Tensor | None = N
 
     gx, jac = _batch_jacobian(g, x, context)
     eye = torch.eye(jac.shape[-1], dtype=x.dtype, device=x.device)
-    return gx, _log_abs_det(eye + jac)
+    return gx, torch.linalg.slogdet(_upcast_half(eye + jac)).logabsdet.to(x.dtype)
 
 
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def _log_abs_det(mat: Tensor) -> Tensor:
-    """``slogdet(mat).logabsdet`` for ``(..., D, D)``; half-precision matrices, which ``slogdet`` does
-    not take, are factorised in float32 and the result cast back."""
-    if mat.dtype in _HALF_DTYPES:
-        return torch.linalg.slogdet(mat.float()).logabsdet.to(mat.dtype)
-    return torch.linalg.slogdet(mat).logabsdet
-
-
-def _inverse_matrix(mat: Tensor) -> Tensor:
-    """``torch.linalg.inv(mat)``, in float32 for half-precision matrices (cast back)."""
-    if mat.dtype in _HALF_DTYPES:
-        return torch.linalg.inv(mat.float()).to(mat.dtype)
-    return torch.linalg.inv(mat)
+def _upcast_half(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is float16 or bfloat16, which ``torch.linalg``'s factorisations and
+    norms do not take; otherwise ``t`` itself (cast results back with ``.to(dtype)``)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _batch_jacobian(

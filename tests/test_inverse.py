@@ -218,10 +218,11 @@ def test_reported_residual_is_that_of_the_returned_point(method: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["fixed_point", "newton"])
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "newton"])
 def test_half_precision_inverse_reaches_its_default_tolerance(dtype: torch.dtype, method: str) -> None:
     """float16 and bfloat16 solves converge at their dtype's default tolerance (a ConvergenceWarning
-    would fail the test); Newton's d > 2 solve is factorised in float32."""
+    would fail the test); Anderson's least-squares system and Newton's d > 2 solve are factorised in
+    float32."""
     torch.manual_seed(0)
     t = iresnet(3, hidden_dims=[8], inverse_method=method).to(dtype).eval()
     y = 2 * torch.randn(16, 3, dtype=dtype)

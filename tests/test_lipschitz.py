@@ -183,9 +183,9 @@ def test_power_iteration_follows_an_optimizer_that_writes_through_data() -> None
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_eval_mode_and_certificate_in_half_precision(dtype: torch.dtype) -> None:
-    """Half-precision weights and inputs: the exact norm (eval()'s settle, lipschitz_bound) is
-    computed in float64 and the exact log-det's factorisation in float32 (torch's matrix_norm and
-    slogdet take neither float16 nor bfloat16); results come back in the model's dtype."""
+    """Half-precision weights and inputs: the exact norm (eval()'s settle, lipschitz_bound) and the
+    exact log-det's factorisation are computed in float32 (torch's matrix_norm and slogdet take
+    neither float16 nor bfloat16); results come back in the model's dtype."""
     torch.manual_seed(0)
     t = iresnet(3, hidden_dims=[8], logdet="exact").to(dtype)
     x = torch.randn(4, 3, dtype=dtype)
