@@ -27,6 +27,7 @@ bitwise, and rank 0 writes a JSON summary (``--out``) and optionally a checkpoin
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import inspect
 import json
@@ -227,6 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.out}")
+    # Free DDP's reducer (it holds the process group and gloo work objects) while the group is alive,
+    # so nothing of it is left for the interpreter's shutdown.
+    del ddp, optimizer, scheduler
+    gc.collect()
     dist_c10d.barrier()
     dist_c10d.destroy_process_group()
     return summary
