@@ -29,6 +29,7 @@ from .errors import (
     NonFiniteError,
     check_choice,
     check_finite,
+    check_positive_finite,
     check_positive_int,
     check_probability,
 )
@@ -194,9 +195,7 @@ class ResidualBlock(nn.Module):
         self.n_exact_terms = check_positive_int("n_exact_terms", n_exact_terms, minimum=0)
         self.roulette = check_choice("roulette", roulette, ("geometric", "poisson"))
         self.p = check_probability("p", p)
-        if not lam > 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
-        self.lam = float(lam)
+        self.lam = check_positive_finite("lam", lam)
         self.n_roulette_draws = check_positive_int("n_roulette_draws", n_roulette_draws)
         self.n_probes = check_positive_int("n_probes", n_probes)
         self.probe = check_choice("probe", probe, ("gaussian", "rademacher"))
@@ -215,8 +214,10 @@ class ResidualBlock(nn.Module):
         )
         self.strict = bool(strict)
         self.check_finite = check_finite
-        if fused not in (True, False, "auto"):
+        if isinstance(fused, str) and fused != "auto":
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+        if not isinstance(fused, str) and type(fused) is not bool:  # not 0/1: checked by identity below
+            raise TypeError(f"fused must be True, False or 'auto', got {fused!r}")
         if fused is True and not supports_fused(net):
             raise ValueError(
                 f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
@@ -471,7 +472,7 @@ class ResidualBlock(nn.Module):
             if context is not None:
                 raise ValueError("inverse_method='newton' does not support a context; use 'fixed_point'")
             with torch.set_grad_enabled(bool(params)):
-                fast = self._fused_net(None)
+                fast = fused_mlp(self.net)  # whatever exact_trace says: that option is the log-det's
             x, info = newton_inverse(
                 fast, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
                 lipschitz=self._certified_lipschitz,

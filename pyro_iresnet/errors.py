@@ -13,6 +13,7 @@ __all__ = [
     "NonFiniteError",
 ]
 
+import math
 from numbers import Integral, Real
 
 import torch
@@ -161,6 +162,36 @@ def check_probability(name: str, value: float) -> float:
         raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def check_positive_finite(name: str, value: float) -> float:
+    """Require a finite real number ``> 0`` (e.g. the Poisson roulette's rate).
+
+    Args:
+        name: Argument name used in the message.
+        value: The value to check.
+
+    Returns:
+        ``value`` as a Python float.
+
+    Raises:
+        TypeError: If ``value`` is not a real number (``numbers.Real``, numpy scalars included;
+            ``bool`` refused).
+        ValueError: If ``value`` is not finite or not ``> 0``.
+
+    Examples:
+        >>> check_positive_finite("lam", 2)
+        2.0
+        >>> check_positive_finite("lam", float("inf"))
+        Traceback (most recent call last):
+            ...
+        ValueError: lam must be a finite float > 0, got inf
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a finite float > 0, got {type(value).__name__}")
+    if not 0.0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
     return float(value)
 
 

@@ -175,6 +175,8 @@ def _anderson(
     r"""Anderson acceleration of $G(x) = y - g(x)$ (type II, memory 5, undamped), from ``x0``
     (default $y$)."""
     n, m = y.shape[0], _ANDERSON_MEMORY
+    if n == 0:
+        return y.clone(), SolveInfo(0, y.new_zeros(0), True)
     flat_y = y.reshape(n, -1)
     xs = flat_y.new_zeros(n, m, flat_y.shape[1])
     gs = torch.zeros_like(xs)

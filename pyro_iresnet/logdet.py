@@ -250,7 +250,8 @@ def roulette_weights(
     """
     check_choice("roulette", roulette, ("geometric", "poisson"))
     if roulette == "geometric":
-        draws = torch.empty(n_draws, dtype=torch.float64, device="cpu").geometric_(param)
+        draws = torch.empty(n_draws, dtype=torch.float64, device="cpu")
+        draws = draws.fill_(1.0) if param >= 1 else draws.geometric_(param)  # p = 1: always N = 1
     else:
         draws = torch.poisson(torch.full((n_draws,), float(param), dtype=torch.float64, device="cpu"))
     counts = [int(d) for d in draws.tolist()]  # CPU tensor: no device sync
@@ -392,7 +393,7 @@ class _BackwardInForward(torch.autograd.Function):
         weights = grad_logdet.reshape((-1,) + (1,) * (x_leaf.dim() - 1))
         if grad_x_logdet is not None:  # samples are independent: per-sample scaling is exact
             grad_x = _add(grad_x, grad_x_logdet * weights)
-        if params:
+        if params and grad_logdet.numel():
             if bool((grad_logdet == grad_logdet[0]).all()):  # the usual batch mean: reuse
                 extra = [None if g is None else g * grad_logdet[0] for g in grad_params_logdet]
             else:  # unequal weights: recompute this block's estimator with the same draws

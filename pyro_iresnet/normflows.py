@@ -25,7 +25,6 @@ __all__ = ["Residual"]
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from numbers import Real
 from types import MethodType
 from typing import Any
 from weakref import WeakKeyDictionary
@@ -38,7 +37,7 @@ from torch import Tensor, nn
 
 from .block import ResidualBlock
 from .conv import conv_operator_norm
-from .errors import check_choice, check_positive_int, check_probability
+from .errors import check_choice, check_positive_finite, check_positive_int, check_probability
 from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
@@ -64,13 +63,9 @@ def _event_dim(net: nn.Module) -> int:
 
 
 def _check_lamb(value: float) -> float:
-    """The Poisson roulette's rate, checked under normflows' name: a real number (numpy scalars
-    included, ``bool`` refused) ``> 0``, returned as a Python float."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"lamb must be a float > 0, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"lamb must be a float > 0, got {value}")
-    return float(value)
+    """The Poisson roulette's rate, checked under normflows' name: a finite real number (numpy
+    scalars included, ``bool`` refused) ``> 0``, returned as a Python float."""
+    return check_positive_finite("lamb", value)
 
 
 def _block_options(

@@ -128,7 +128,8 @@ def test_bad_inputs_raise_clear_errors(make_input, error: type, match: str) -> N
         (dict(logdet="hutchinson"), "logdet must be one of"),
         (dict(n_terms=0), "n_terms must be >= 1, got 0"),
         (dict(p=1.5), r"p must be in \(0, 1\], got 1.5"),
-        (dict(lam=-1.0), "lam must be > 0, got -1.0"),
+        (dict(lam=-1.0), "lam must be a finite float > 0, got -1.0"),
+        (dict(lam=float("inf")), "lam must be a finite float > 0, got inf"),
         (dict(probe="uniform"), "probe must be one of"),
         (dict(eval_logdet="fast"), "eval_logdet must be one of"),
         (dict(inverse_method="broyden"), "inverse_method must be one of"),
@@ -144,3 +145,38 @@ def test_bad_options_raise_clear_errors(kwargs: dict, match: str) -> None:
 def test_net_must_be_module() -> None:
     with pytest.raises(TypeError, match="net must be an nn.Module, got function"):
         ResidualBlock(lambda x: 0.5 * x)
+
+
+@pytest.mark.parametrize("fused", [0, 1])
+def test_fused_takes_only_true_false_or_auto(fused: object) -> None:
+    """``fused`` is checked by identity later, so 0 or 1 would silently mean "auto"."""
+    with pytest.raises(TypeError, match="fused must be True, False or 'auto'"):
+        ResidualBlock(LipschitzMLP([2, 8, 2]), fused=fused)
+
+
+def test_newton_inverse_with_exact_trace() -> None:
+    """``exact_trace`` concerns the log-det; the Newton inverse still runs on the fused parameters."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([2, 8, 2]), inverse_method="newton", exact_trace=True).double()
+    y = torch.randn(5, 2, dtype=torch.float64)
+    x = block.inverse(y)
+    torch.testing.assert_close(block(x), y, atol=1e-10, rtol=0)
+
+
+def test_geometric_roulette_with_p_one_keeps_the_exact_terms() -> None:
+    """p = 1 (documented as valid) always draws N = 1: the n_exact_terms + 1 terms, no failure."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([2, 8, 2]), p=1.0, n_exact_terms=2)
+    _, logdet = block.forward_and_logdet(torch.randn(4, 2))
+    assert torch.isfinite(logdet).all() and block.last_diagnostics.n_terms == 3
+
+
+@pytest.mark.parametrize("options", [dict(fused=False, memory_efficient=True), dict(inverse_method="anderson")],
+                         ids=["memory-efficient-backward", "anderson-inverse"])
+def test_empty_batch_through_every_path(options: dict) -> None:
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([2, 8, 2]), **options)
+    x = torch.zeros(0, 2, requires_grad=True)
+    y, logdet = block.forward_and_logdet(x)
+    (y.sum() + logdet.sum()).backward()
+    assert x.grad.shape == (0, 2) and block.inverse(y.detach()).shape == (0, 2)

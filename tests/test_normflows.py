@@ -241,7 +241,7 @@ def test_estimator_attributes_are_plain_and_validated() -> None:
     assert (layer.block.p, layer.block.lam) == (0.25, 3.0)
     with pytest.raises(ValueError, match="geom_p must be in"):
         layer.geom_p = 1.5
-    with pytest.raises(ValueError, match="lamb must be a float > 0"):
+    with pytest.raises(ValueError, match="lamb must be a finite float > 0"):
         layer.lamb = -1.0
     assert "geom_p" not in layer.state_dict() and "lamb" not in layer.state_dict()
 
@@ -599,9 +599,9 @@ def test_numpy_scalar_arguments() -> None:
     layer.inverse(torch.randn(3, 2))
     with pytest.raises(TypeError, match="n_samples must be an int, got float"):
         Residual(LipschitzMLP([2, 8, 2]), n_samples=2.0)
-    with pytest.raises(TypeError, match="lamb must be a float > 0, got bool"):
+    with pytest.raises(TypeError, match="lamb must be a finite float > 0, got bool"):
         Residual(LipschitzMLP([2, 8, 2]), lamb=True)
-    with pytest.raises(ValueError, match="lamb must be a float > 0, got -1.0"):
+    with pytest.raises(ValueError, match="lamb must be a finite float > 0, got -1.0"):
         Residual(LipschitzMLP([2, 8, 2]), lamb=np.float32(-1.0))
 
 

@@ -70,7 +70,7 @@ BAD_ARGUMENTS = [
     ("nf-geom_p", lambda: Residual(LipschitzMLP([2, 4, 2]), geom_p=1.5), ValueError,
      r"geom_p must be in \(0, 1\], got 1\.5"),
     ("nf-lamb", lambda: Residual(LipschitzMLP([2, 4, 2]), lamb=-1.0), ValueError,
-     r"lamb must be a float > 0, got -1\.0"),
+     r"lamb must be a finite float > 0, got -1\.0"),
     ("nf-n_dist", lambda: Residual(LipschitzMLP([2, 4, 2]), n_dist="uniform"), ValueError,
      r"n_dist must be one of \('geometric', 'poisson'\), got 'uniform'"),
 ]
