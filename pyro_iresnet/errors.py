@@ -14,6 +14,7 @@ __all__ = [
 ]
 
 import math
+from collections.abc import Callable
 from numbers import Integral, Real
 
 import torch
@@ -127,11 +128,7 @@ def check_unit_interval(name: str, value: float) -> float:
             ...
         ValueError: coeff must be in (0, 1), got 1.2
     """
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float in (0, 1), got {type(value).__name__}")
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value}")
-    return float(value)
+    return _check_real(name, value, lambda v: 0.0 < v < 1.0, "a float in (0, 1)", "in (0, 1)")
 
 
 def check_probability(name: str, value: float) -> float:
@@ -158,11 +155,7 @@ def check_probability(name: str, value: float) -> float:
             ...
         ValueError: p must be in (0, 1], got 0.0
     """
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return float(value)
+    return _check_real(name, value, lambda v: 0.0 < v <= 1.0, "a float in (0, 1]", "in (0, 1]")
 
 
 def check_positive_finite(name: str, value: float) -> float:
@@ -188,10 +181,17 @@ def check_positive_finite(name: str, value: float) -> float:
             ...
         ValueError: lam must be a finite float > 0, got inf
     """
+    return _check_real(name, value, lambda v: 0.0 < v < math.inf, "a finite float > 0", "a finite float > 0")
+
+
+def _check_real(name: str, value: object, in_range: Callable[[Real], bool], kind: str, rule: str) -> float:
+    """``value`` as a Python float: a ``TypeError`` ("``name`` must be ``kind``") unless it is a real
+    number (numpy scalars included, ``bool`` refused), a ``ValueError`` ("``name`` must be ``rule``")
+    unless ``in_range(value)``."""
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a finite float > 0, got {type(value).__name__}")
-    if not 0.0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if not in_range(value):
+        raise ValueError(f"{name} must be {rule}, got {value}")
     return float(value)
 
 
