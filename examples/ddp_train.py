@@ -31,7 +31,6 @@ import gc
 import hashlib
 import inspect
 import json
-import math
 import os
 import sys
 import time
@@ -76,8 +75,9 @@ def wrap_ddp(model: nn.Module, device: torch.device, sync_buffers: bool) -> Dist
     # torch 2.13; the constructor also broadcasts parameters and buffers once). So each step starts
     # from rank 0's u, v, every rank then runs the same power step on the same (all-reduced) weights,
     # and sigma~, the normalised weights and the buffers stay identical on all ranks. Without the
-    # broadcast they would still agree as long as nothing ever touched them on one rank only; with it,
-    # a rank whose buffers drifted is repaired at its next forward (see --desync-buffers).
+    # broadcast they still agree as long as nothing touches them on one rank only (this script
+    # evaluates on every rank before training, and on rank 0 only after it); with it, a rank whose
+    # buffers drifted is repaired at its next forward (see --desync-buffers).
     return DistributedDataParallel(model, **kwargs)
 
 
@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--desync-buffers", action="store_true",
                         help="(testing) after wrapping, give ranks > 0 fresh random power-iteration vectors")
     args = parser.parse_args(argv)
+    if args.log_every < 1:
+        parser.error(f"--log-every must be >= 1, got {args.log_every}")
 
     use_cuda = torch.cuda.is_available()
     dist_c10d.init_process_group(backend="nccl" if use_cuda else "gloo")
@@ -168,16 +170,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(args.num_steps, 1))
 
     def held_out_nll() -> float:
-        """Exact-log-det NLL of the shared test set, computed on rank 0 with ``ddp.module`` (no
-        collectives; eval mode settles rank 0's power iteration, and the next DDP forward
-        broadcasts rank 0's buffers to every rank)."""
+        """Exact-log-det NLL of the shared test set with ``ddp.module`` (no collectives; eval mode
+        settles the calling rank's power iteration without marking the training-mode step done)."""
         model.eval()
         with torch.no_grad():
             nll = float(model(test))
         model.train()
         return nll
 
-    initial_nll = held_out_nll() if rank == 0 else math.nan
+    # on every rank (no collectives): eval() settles each rank's power iteration alike, so the ranks
+    # stay identical even without DDP's buffer broadcast (--no-sync-buffers)
+    initial_nll = held_out_nll()
     losses: list[tuple[int, float]] = []
     start = time.perf_counter()
     for step in range(args.num_steps):

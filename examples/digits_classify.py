@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-steps", type=int, default=1500, help="optimiser steps for each model")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--channels", type=int, default=16, help="channels after zero-padding")
+    parser.add_argument("--channels", type=int, default=16,
+                        help="channels after zero-padding (more than the 4 of the squeezed image)")
     parser.add_argument("--hidden", type=int, default=32, help="hidden channels of every block")
     parser.add_argument("--blocks", type=int, default=2, help="blocks per resolution")
     parser.add_argument("--coeff", type=float, default=0.9, help="Lipschitz target of each conv")
@@ -45,7 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (small convs: 1 is fastest)")
     parser.add_argument("--out", type=Path, default=Path("digits_classify_out"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.channels <= 4:  # fewer would crop the squeezed image's 4 channels instead of padding
+        parser.error(f"--channels must be more than 4, got {args.channels}")
+    return args
 
 
 def load_data(seed: int) -> tuple[torch.Tensor, ...]:

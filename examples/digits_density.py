@@ -164,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     for model_cls in (IResNetModel, GlowModel):
         torch.manual_seed(args.seed)
         model = model_cls(args)
+        torch.manual_seed(args.seed + 2)  # the same batches and dequantisation noise for each model
         seconds = train(model, train_data, args)
         torch.manual_seed(args.seed + 1)
         bpd, se = evaluate(model, test_data, args.repeats)

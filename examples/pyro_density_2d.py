@@ -177,21 +177,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     results: dict[str, dict] = {}
     table: dict[str, dict[str, float]] = {}
     for name in args.datasets:
-        data_gen = torch.Generator().manual_seed(args.seed + 1)
         make = DATASETS[name]
-
-        def sampler(n: int, make: Callable = make, data_gen: torch.Generator = data_gen) -> Tensor:
-            return make(n, data_gen)
-
         test = make(args.n_test, torch.Generator().manual_seed(args.seed + 2))
         res: dict = {"data": make(args.n_plot, torch.Generator().manual_seed(args.seed + 3))}
         row: dict[str, float] = {}
-        models = {
-            "iresnet": iresnet_flow(args.blocks, args.hidden, args.logdet),
-            "spline": spline_flow(args.spline_layers, args.hidden),
+        builders = {
+            "iresnet": lambda: iresnet_flow(args.blocks, args.hidden, args.logdet),
+            "spline": lambda: spline_flow(args.spline_layers, args.hidden),
         }
-        for model_name, (flow, module) in models.items():
-            torch.manual_seed(args.seed)
+        for model_name, build in builders.items():
+            torch.manual_seed(args.seed)  # each model's weights from the seed alone, whatever ran before
+            flow, module = build()
+            data_gen = torch.Generator().manual_seed(args.seed + 1)  # the same minibatches for each model
+
+            def sampler(n: int, make: Callable = make, data_gen: torch.Generator = data_gen) -> Tensor:
+                return make(n, data_gen)
+
             step_time = train(
                 flow, module, sampler, args.num_steps, args.batch_size, args.lr, f"{name}/{model_name}"
             )

@@ -85,3 +85,10 @@ def test_ddp_check_detects_diverged_buffers(tmp_path: Path) -> None:
     assert len(summary["mismatched_buffers"]) == summary["num_buffers"] == 12
     # the gradients are still all-reduced, so the parameters themselves agree
     assert set(summary["mismatched_tensors"]) == set(summary["mismatched_buffers"])
+
+
+def test_ranks_stay_identical_without_the_buffer_broadcast(tmp_path: Path) -> None:
+    # Without DDP's buffer broadcast the ranks still agree when nothing touches one rank only: the
+    # example evaluates on every rank before training (eval settles each rank alike).
+    summary = run_ddp(tmp_path, "--num-steps", "10", "--no-sync-buffers")
+    assert not summary["sync_buffers"] and summary["identical"], summary["mismatched_tensors"]
