@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .errors import (
     NonFiniteError,
+    check_bool,
     check_choice,
     check_finite,
     check_positive_finite,
@@ -53,8 +54,9 @@ EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 
 @dataclass
 class Diagnostics:
-    r"""What the last call of a block did: which estimator of $\log|\det(I + J_g(x))|$ ran, with how
-    many series terms, and how the last inverse solve of $x + g(x) = y$ went.
+    r"""What the last log-det or inverse call of a block did (a plain forward, which computes neither,
+    leaves it as it was): which estimator of $\log|\det(I + J_g(x))|$ ran, with how many series
+    terms, and how the last inverse solve of $x + g(x) = y$ went.
 
     Attributes:
         logdet_method: Estimator used (``"exact"``, ``"series"`` or ``"unbiased"``), or ``None``.
@@ -199,9 +201,9 @@ class ResidualBlock(nn.Module):
         self.n_roulette_draws = check_positive_int("n_roulette_draws", n_roulette_draws)
         self.n_probes = check_positive_int("n_probes", n_probes)
         self.probe = check_choice("probe", probe, ("gaussian", "rademacher"))
-        self.exact_trace = bool(exact_trace)
-        self.neumann_grad = bool(neumann_grad)
-        self.memory_efficient = bool(memory_efficient)
+        self.exact_trace = check_bool("exact_trace", exact_trace)
+        self.neumann_grad = check_bool("neumann_grad", neumann_grad)
+        self.memory_efficient = check_bool("memory_efficient", memory_efficient)
         self.eval_logdet = check_choice("eval_logdet", eval_logdet, EVAL_LOGDET_METHODS)
         self.exact_max_dim = check_positive_int("exact_max_dim", exact_max_dim)
         for name, tol in (("atol", atol), ("rtol", rtol)):
@@ -212,8 +214,8 @@ class ResidualBlock(nn.Module):
         self.inverse_method = check_choice(
             "inverse_method", inverse_method, ("fixed_point", "anderson", "newton")
         )
-        self.strict = bool(strict)
-        self.check_finite = check_finite
+        self.strict = check_bool("strict", strict)
+        self.check_finite = None if check_finite is None else check_bool("check_finite", check_finite)
         if isinstance(fused, str) and fused != "auto":
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         if not isinstance(fused, str) and type(fused) is not bool:  # not 0/1: checked by identity below

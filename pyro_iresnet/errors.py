@@ -195,6 +195,33 @@ def _check_real(name: str, value: object, in_range: Callable[[Real], bool], kind
     return float(value)
 
 
+def check_bool(name: str, value: bool) -> bool:
+    """Require ``True`` or ``False`` (numpy booleans included): a string such as ``"False"`` would
+    otherwise switch an option on.
+
+    Args:
+        name: Argument name used in the message.
+        value: The value to check.
+
+    Returns:
+        ``value`` as a Python bool.
+
+    Raises:
+        TypeError: If ``value`` is not a boolean.
+
+    Examples:
+        >>> check_bool("strict", True)
+        True
+        >>> check_bool("exact_trace", "False")
+        Traceback (most recent call last):
+            ...
+        TypeError: exact_trace must be True or False, got 'False'
+    """
+    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):  # numpy's bool, without numpy
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_positive_int(name: str, value: int, minimum: int = 1) -> int:
     """Require an integer ``>= minimum``.
 

@@ -96,8 +96,8 @@ def _block_options(
         logdet = "unbiased"
     options: dict[str, Any] = dict(
         logdet=logdet, n_exact_terms=n_exact_terms, roulette=n_dist, p=geom_p, lam=lamb,
-        n_roulette_draws=n_samples, exact_trace=exact_trace,
-        neumann_grad=reduce_memory, memory_efficient=reduce_memory,
+        n_roulette_draws=n_samples, exact_trace=bool(exact_trace),  # normflows takes any truthy value
+        neumann_grad=bool(reduce_memory), memory_efficient=bool(reduce_memory),
     )
     if n_power_series is not None:
         options["n_terms"] = n_power_series

@@ -147,6 +147,13 @@ def test_net_must_be_module() -> None:
         ResidualBlock(lambda x: 0.5 * x)
 
 
+@pytest.mark.parametrize("option", ["exact_trace", "neumann_grad", "memory_efficient", "strict", "check_finite"])
+def test_switches_take_only_booleans(option: str) -> None:
+    """A string such as "False" (from a config file) would otherwise switch the option on."""
+    with pytest.raises(TypeError, match=f"{option} must be True or False, got 'False'"):
+        ResidualBlock(LipschitzMLP([2, 8, 2]), **{option: "False"})
+
+
 @pytest.mark.parametrize("fused", [0, 1])
 def test_fused_takes_only_true_false_or_auto(fused: object) -> None:
     """``fused`` is checked by identity later, so 0 or 1 would silently mean "auto"."""
