@@ -317,6 +317,11 @@ class ResidualBlock(nn.Module):
             raise ValueError(f"{self._describe(name)} must have shape {expected}, got {tuple(x.shape)}")
         batch_shape = x.shape[: x.dim() - self.event_dim]
         if context is None:
+            if self.context_dim is not None:
+                raise ValueError(
+                    f"residual block {self.name} is conditional (its net has context_dim={self.context_dim}): "
+                    f"pass a context of shape (..., {self.context_dim})"
+                )
             return x.reshape(-1, *event_shape), None, batch_shape, x.shape
         self._check_tensor(context, "context")
         if context.dim() < 1 or (self.context_dim is not None and context.shape[-1] != self.context_dim):

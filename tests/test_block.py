@@ -99,6 +99,8 @@ def test_context_broadcasts_and_round_trips() -> None:
     assert (x_back - x).abs().max() <= 1e-10
     x_back.sum().backward()
     assert context.grad is not None and torch.isfinite(context.grad).all()
+    with pytest.raises(ValueError, match=r"is conditional \(its net has context_dim=2\): pass a context"):
+        block.forward_and_logdet(x)
 
 
 @pytest.mark.parametrize(
