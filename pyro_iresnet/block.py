@@ -34,7 +34,15 @@ from .errors import (
     check_positive_int,
     check_probability,
 )
-from .fused import FusedMLP, fused_logdet, fused_mlp, newton_inverse, solver_net, supports_fused
+from .fused import (
+    SolverNet,
+    fused_logdet,
+    fused_mlp,
+    newton_inverse,
+    newton_inverse_and_logdet,
+    solver_net,
+    supports_fused,
+)
 from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import frozen_spectral_norm, lipschitz_bound, refresh_spectral_norm
 from .logdet import (
@@ -128,9 +136,13 @@ class ResidualBlock(nn.Module):
             1e-6 in float32, 1e-12 in float64).
         rtol: Inverse tolerance relative to $\|y\|_\infty$ (default 1e-6 in float32, 1e-13 in float64).
         max_iter: Iteration cap of the inverse and of its adjoint.
-        inverse_method: ``"fixed_point"``, ``"anderson"``, or ``"newton"`` (safeguarded Newton with
-            the exact Jacobian and an exactly solved adjoint, :func:`~pyro_iresnet.fused.newton_inverse`;
-            needs the fused path: a supported ``LipschitzMLP``, no context; meant for small $d$).
+        inverse_method: ``"fixed_point"``, ``"anderson"``, or ``"newton"`` (fixed-point steps
+            accelerated by safeguarded Newton and chord steps with the exact Jacobian, and an exactly
+            solved adjoint, :func:`~pyro_iresnet.fused.newton_inverse`; needs the fused path: a
+            supported ``LipschitzMLP``, no context; meant for small $d$). With ``"newton"``,
+            ``inverse_and_logdet`` without gradients (sampling) takes the exact log-det from the
+            forward pass that checked the solution
+            (:func:`~pyro_iresnet.fused.newton_inverse_and_logdet`).
         strict: Raise :class:`~pyro_iresnet.ConvergenceError` instead of warning.
         check_finite: Reject NaN/Inf inputs. ``None`` checks CPU tensors only, since the check
             reads the tensor (a host-device sync on accelerators).
@@ -347,25 +359,26 @@ class ResidualBlock(nn.Module):
         return self.eval_logdet
 
     def _logdet_flat(
-        self, x: Tensor, context: Tensor | None, fast_no_grad: FusedMLP | None = None
+        self, x: Tensor, context: Tensor | None, solver: SolverNet | None = None
     ) -> tuple[Tensor, Tensor]:
-        """$g(x)$ and the log-det for flattened inputs; records diagnostics. ``fast_no_grad``: the
-        fused parameters if already read under ``no_grad`` in this call (used when no gradient is
-        needed)."""
+        """$g(x)$ and the log-det for flattened inputs; records diagnostics. ``solver``: the fused
+        net of the inverse solve in this call, if any (used when no gradient is needed)."""
         method = self._current_logdet_method(math.prod(x.shape[1:]))
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in self.net.parameters())
             or (context is not None and context.requires_grad)
         )
-        if fast_no_grad is not None and not needs_grad:
-            fast = fast_no_grad
+        if solver is not None and not needs_grad:
+            fast = solver.mlp
         else:
             with torch.set_grad_enabled(needs_grad):
                 fast = self._fused_net(context)
         if method == "exact":
             self.last_diagnostics = Diagnostics("exact", None, None)
             with torch.set_grad_enabled(needs_grad):
+                if solver is not None and not needs_grad:
+                    return solver.exact_logdet(x)
                 if fast is not None:
                     return fused_logdet(fast, x, "exact")
                 return exact_logdet(self.g, x, context)
@@ -470,9 +483,9 @@ class ResidualBlock(nn.Module):
         y_flat, context, _, shape = self._prepare(y, "y", context)
         return self._inverse_flat(y_flat, context)[0].reshape(shape)
 
-    def _inverse_flat(self, y_flat: Tensor, context: Tensor | None) -> tuple[Tensor, FusedMLP | None]:
-        """The inverse for flattened, checked inputs; also the fused parameters it read under
-        ``no_grad`` (``None`` if none), for a log-det at the solution."""
+    def _inverse_flat(self, y_flat: Tensor, context: Tensor | None) -> tuple[Tensor, SolverNet | None]:
+        """The inverse for flattened, checked inputs; also the fused net it built under ``no_grad``
+        (``None`` if none), for a log-det at the solution."""
         self.refresh_lipschitz()
         params = self._params() if torch.is_grad_enabled() else []
         if self.inverse_method == "newton":
@@ -488,7 +501,7 @@ class ResidualBlock(nn.Module):
             return x, None
         with torch.no_grad():
             fast = self._fused_net(context)
-        g = self.g
+        g, g_solver = self.g, None
         if fast is not None:  # solver iterations (no_grad) skip the modules; the adjoint uses g
             g_solver = solver_net(fast)
 
@@ -501,7 +514,7 @@ class ResidualBlock(nn.Module):
             strict=self.strict, lipschitz=self._certified_lipschitz,
         )
         self.last_diagnostics = Diagnostics(inverse=info)
-        return x, fast
+        return x, g_solver
 
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
@@ -515,11 +528,34 @@ class ResidualBlock(nn.Module):
             $x$ of shape ``(..., *event)`` and $\log\det(I + J_g(x))$ of the batch shape.
         """
         y_flat, context, batch_shape, shape = self._prepare(y, "y", context)
-        x_flat, fast = self._inverse_flat(y_flat, context)
+        solver = self._value_only_newton(y_flat, context)
+        if solver is not None:
+            x_flat, logdet, info = newton_inverse_and_logdet(
+                solver, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
+                lipschitz=self._certified_lipschitz,
+            )
+            self.last_diagnostics = Diagnostics("exact", None, info)
+            return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
+        x_flat, solver = self._inverse_flat(y_flat, context)
         info = self.last_diagnostics.inverse
-        _, logdet = self._logdet_flat(x_flat, context, fast)
+        _, logdet = self._logdet_flat(x_flat, context, solver)
         self.last_diagnostics.inverse = info
         return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
+
+    def _value_only_newton(self, y_flat: Tensor, context: Tensor | None) -> SolverNet | None:
+        """The fused net for :func:`~pyro_iresnet.fused.newton_inverse_and_logdet` when it applies
+        to this ``inverse_and_logdet`` call (``None`` otherwise): ``inverse_method="newton"``, no
+        gradient needed and the exact log-det."""
+        if (
+            self.inverse_method != "newton"
+            or torch.is_grad_enabled() and (y_flat.requires_grad or bool(self._params()))
+            or self._current_logdet_method(math.prod(y_flat.shape[1:])) != "exact"
+        ):
+            return None
+        self.refresh_lipschitz()
+        with torch.no_grad():
+            fast = self._fused_net(context)
+        return None if fast is None else solver_net(fast)
 
     def extra_repr(self) -> str:
         return (

@@ -241,20 +241,26 @@ class _Config:
     info: SolveInfo
 
 
+def _solve(config: _Config, g: Net, y: Tensor, context: Tensor | None) -> Tensor:
+    """The forward solve (no graph); fills ``config.info`` and reports non-convergence."""
+    tol = _residual_tolerance(y, config.atol, config.rtol)
+    solver = _anderson if config.method == "anderson" else _plain_fixed_point
+
+    def g_rows(x: Tensor, rows: Tensor) -> Tensor:
+        return g(x) if context is None else g(x, context[rows])
+
+    with torch.no_grad():
+        x, info = solver(g_rows, y.detach(), tol, config.max_iter)
+    config.info.__dict__.update(vars(info))
+    if not info.converged:
+        _report(info, "fixed-point inverse", config.strict, config.lipschitz())
+    return x
+
+
 class _ImplicitInverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config: _Config, g: Net, y: Tensor, context: Tensor | None, *params: Tensor) -> Tensor:
-        tol = _residual_tolerance(y, config.atol, config.rtol)
-        solver = _anderson if config.method == "anderson" else _plain_fixed_point
-
-        def g_rows(x: Tensor, rows: Tensor) -> Tensor:
-            return g(x) if context is None else g(x, context[rows])
-
-        with torch.no_grad():
-            x, info = solver(g_rows, y.detach(), tol, config.max_iter)
-        config.info.__dict__.update(vars(info))
-        if not info.converged:
-            _report(info, "fixed-point inverse", config.strict, config.lipschitz())
+        x = _solve(config, g, y, context)
         ctx.config, ctx.g, ctx.has_context = config, g, context is not None
         ctx.save_for_backward(x, *(() if context is None else (context,)), *params)
         return x
@@ -355,5 +361,7 @@ def fixed_point_inverse(
         default_rtol if rtol is None else rtol,
         max_iter, method, strict, lipschitz, info,
     )
-    x = _ImplicitInverse.apply(config, g, y, context, *params)
-    return x, info
+    inputs = (y, *params) if context is None else (y, context, *params)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _ImplicitInverse.apply(config, g, y, context, *params), info
+    return _solve(config, g, y, context), info  # nothing to differentiate: no autograd Function

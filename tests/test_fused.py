@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import pyro_iresnet.block as block_module
+import pyro_iresnet.fused as fused_module
 from pyro_iresnet import LipschitzMLP, ResidualBlock
 from tests.conftest import make_active_mlp
 
@@ -221,6 +222,93 @@ def test_newton_inverse_reports_nonconvergence() -> None:
         ResidualBlock(net, inverse_method="newton", max_iter=1).inverse(y)
     with pytest.raises(ConvergenceError):
         ResidualBlock(net, inverse_method="newton", max_iter=1, strict=True).inverse(y)
+
+
+def _count_jacobian_steps(monkeypatch: pytest.MonkeyPatch, corrupt: bool = False) -> list[int]:
+    """Count the Jacobians ``_newton`` takes for Newton/chord steps (those of given rows; the
+    log-det's is of the whole batch); with ``corrupt`` they are replaced by $-0.9 I$, which makes
+    every Jacobian step overshoot."""
+    steps = [0]
+    original = fused_module.SolverNet._jacobian
+
+    def counted(self, pre, n, rows=None):
+        jac = original(self, pre, n, rows)
+        if rows is not None:
+            steps[0] += 1
+            if corrupt:
+                jac = -0.9 * torch.eye(jac.shape[-1], dtype=jac.dtype).expand_as(jac)
+        return jac
+
+    monkeypatch.setattr(fused_module.SolverNet, "_jacobian", counted)
+    return steps
+
+
+@pytest.mark.parametrize(("dims", "activation"), [([2, 16, 16, 2], "lipswish"), ([3, 12, 3], "elu"),
+                                                  ([1, 8, 8, 1], "lipswish"), ([2, 2], "lipswish")])
+def test_newton_inverse_and_logdet_matches_exact_reference(
+    dims: list[int], activation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Solution within tolerance, and the log-det at it equal to autograd's Jacobian + slogdet,
+    while Jacobian (Newton/chord) steps are taken (contraction factors near 0.97 make the plain
+    fixed point slow)."""
+    from pyro_iresnet.fused import fused_mlp, newton_inverse_and_logdet, solver_net
+    from pyro_iresnet.logdet import exact_logdet
+
+    net = make_active_mlp(dims, coeff=0.97, activation=activation)
+    y = torch.randn(64, dims[0], dtype=torch.float64) * 3
+    steps = _count_jacobian_steps(monkeypatch)
+    x, logdet, info = newton_inverse_and_logdet(solver_net(fused_mlp(net)), y)
+    with torch.no_grad():
+        residual = (x + net(x) - y).abs().amax(1)
+    assert info.converged and bool((residual <= 1e-12 + 1e-13 * y.abs().amax(1)).all())
+    # the residual of the returned point, up to rounding (values of size |y| ~ 10, eps 2.2e-16)
+    torch.testing.assert_close(info.residual, residual, rtol=0, atol=1e-14)
+    torch.testing.assert_close(logdet, exact_logdet(net, x)[1], rtol=0, atol=1e-12)
+    assert steps[0] > 0
+
+
+def test_newton_inverse_and_logdet_survives_failing_jacobian_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Jacobian step that does not reduce the residual ends that sample's Jacobian steps; the
+    fixed-point steps that follow still converge, and the log-det is still exact."""
+    from pyro_iresnet.fused import fused_mlp, newton_inverse_and_logdet, solver_net
+    from pyro_iresnet.logdet import exact_logdet
+
+    net = make_active_mlp([2, 16, 16, 2], coeff=0.97)
+    y = torch.randn(32, 2, dtype=torch.float64) * 3
+    steps = _count_jacobian_steps(monkeypatch, corrupt=True)
+    x, logdet, info = newton_inverse_and_logdet(solver_net(fused_mlp(net)), y)
+    assert steps[0] > 0 and info.converged
+    with torch.no_grad():
+        assert float((x + net(x) - y).abs().max()) <= 1e-11
+    torch.testing.assert_close(logdet, exact_logdet(net, x)[1], rtol=0, atol=1e-12)
+
+
+def test_newton_sampling_path_of_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``inverse_and_logdet`` in eval mode without gradients (sampling) with ``inverse_method="newton"``
+    solves and takes the log-det in one pass: same values as the fixed point, diagnostics filled,
+    non-convergence reported, empty batches."""
+    from pyro_iresnet import ConvergenceError, ConvergenceWarning
+
+    net = make_active_mlp([2, 16, 16, 2], coeff=0.97)
+    y = torch.randn(4, 8, 2, dtype=torch.float64) * 3
+    newton = ResidualBlock(net, inverse_method="newton").eval()
+    steps = _count_jacobian_steps(monkeypatch)
+    with torch.no_grad():
+        x_n, logdet_n = newton.inverse_and_logdet(y)
+        x_f, logdet_f = ResidualBlock(net).eval().inverse_and_logdet(y)
+    assert steps[0] > 0 and x_n.shape == y.shape and logdet_n.shape == (4, 8)
+    torch.testing.assert_close(x_n, x_f, rtol=0, atol=1e-10)
+    torch.testing.assert_close(logdet_n, logdet_f, rtol=0, atol=1e-10)
+    diagnostics = newton.last_diagnostics
+    assert diagnostics.logdet_method == "exact" and diagnostics.inverse.converged
+    assert diagnostics.inverse.residual.shape == (32,)
+    with torch.no_grad():
+        x_empty, logdet_empty = newton.inverse_and_logdet(y[:0])
+        assert x_empty.shape == (0, 8, 2) and logdet_empty.shape == (0, 8)
+        with pytest.warns(ConvergenceWarning, match="Newton inverse did not converge in 1 iterations"):
+            ResidualBlock(net, inverse_method="newton", max_iter=1).eval().inverse_and_logdet(y)
+        with pytest.raises(ConvergenceError):
+            ResidualBlock(net, inverse_method="newton", max_iter=1, strict=True).eval().inverse_and_logdet(y)
 
 
 def test_newton_argument_checks() -> None:
