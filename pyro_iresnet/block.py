@@ -18,6 +18,7 @@ from __future__ import annotations
 
 __all__ = ["Diagnostics", "ResidualBlock", "name_blocks"]
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -150,12 +151,14 @@ class ResidualBlock(nn.Module):
             closed-form gradients; same values and gradients as the generic path for the same
             draws). ``"auto"`` (default) uses it whenever ``net`` is a supported ``LipschitzMLP``
             and the call has no context and ``exact_trace=False``; ``True`` requires a supported
-            ``net``; ``False`` always uses the generic autograd path.
+            ``net`` and ``exact_trace=False``; ``False`` always uses the generic autograd path.
 
     Raises:
         TypeError: If ``net`` is not an ``nn.Module`` or an integer option is not an int.
-        ValueError: If an option is out of range or not one of its choices, or ``fused=True`` /
-            ``inverse_method="newton"`` is asked for with an unsupported ``net``.
+        ValueError: If an option is out of range or not one of its choices, ``fused=True`` /
+            ``inverse_method="newton"`` is asked for with an unsupported ``net``, or ``fused=True``
+            with ``exact_trace=True``. A call with a context raises it too if ``net`` takes none
+            (no ``context_dim`` and a ``forward`` with a single argument).
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
@@ -237,6 +240,11 @@ class ResidualBlock(nn.Module):
                 f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
                 "use fused='auto' or False"
             )
+        if fused is True and exact_trace:
+            raise ValueError(
+                "fused=True does not cover exact_trace=True (the fused path estimates traces with probes); "
+                "use fused='auto' or exact_trace=False"
+            )
         self.fused = fused
         if inverse_method == "newton" and (fused is False or not supports_fused(net)):
             raise ValueError(
@@ -245,6 +253,7 @@ class ResidualBlock(nn.Module):
             )
         self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
         self.context_dim: int | None = getattr(net, "context_dim", None)
+        self._net_takes_context = self.context_dim is not None or _accepts_second_argument(net)
         self.last_diagnostics = Diagnostics()
         self.name = f"#{next(_CREATION_ORDER)}"  # see name_blocks
 
@@ -335,6 +344,11 @@ class ResidualBlock(nn.Module):
                     f"pass a context of shape (..., {self.context_dim})"
                 )
             return x.reshape(-1, *event_shape), None, batch_shape, x.shape
+        if not self._net_takes_context:
+            raise ValueError(
+                f"residual block {self.name} got a context, but its net ({type(self.net).__name__}) takes none: "
+                "call it without a context, or use a conditional net such as ConcatContextNet"
+            )
         self._check_tensor(context, "context")
         if context.dim() < 1 or (self.context_dim is not None and context.shape[-1] != self.context_dim):
             expected = "context_dim" if self.context_dim is None else self.context_dim
@@ -563,6 +577,16 @@ class ResidualBlock(nn.Module):
             f"neumann_grad={self.neumann_grad}, memory_efficient={self.memory_efficient}, "
             f"inverse_method={self.inverse_method!r}"
         )
+
+
+def _accepts_second_argument(net: nn.Module) -> bool:
+    """Whether ``net(x, context)`` fits ``net.forward``'s signature (True if it cannot be read)."""
+    try:
+        parameters = inspect.signature(net.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
 
 
 def name_blocks(model: object, prefix: str = "") -> list[str]:

@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import pytest
 import torch
+from torch import nn
 
 from pyro_iresnet import (
     ConvergenceError,
@@ -73,6 +74,14 @@ BAD_ARGUMENTS = [
      r"lamb must be a finite float > 0, got -1\.0"),
     ("nf-n_dist", lambda: Residual(LipschitzMLP([2, 4, 2]), n_dist="uniform"), ValueError,
      r"n_dist must be one of \('geometric', 'poisson'\), got 'uniform'"),
+    ("fused+exact_trace", lambda: ResidualBlock(LipschitzMLP([2, 4, 2]), fused=True, exact_trace=True), ValueError,
+     r"fused=True does not cover exact_trace=True"),
+    ("context-to-plain-net", lambda: ResidualBlock(LipschitzMLP([2, 4, 2])).forward_and_logdet(
+        torch.randn(3, 2), torch.randn(3, 1)), ValueError,
+     r"residual block #\d+ got a context, but its net \(LipschitzMLP\) takes none"),
+    ("context-to-plain-net-inverse", lambda: ResidualBlock(nn.Sequential(nn.Linear(2, 2))).inverse(
+        torch.randn(3, 2), torch.randn(3, 1)), ValueError,
+     r"residual block #\d+ got a context, but its net \(Sequential\) takes none"),
 ]
 
 
