@@ -84,6 +84,8 @@ def main() -> None:
                         help="torch CPU threads (these small layers run fastest on one)")
     parser.add_argument("--out", type=Path, default=Path("outputs/normflows_two_moons"))
     args = parser.parse_args()
+    if args.num_steps < 1:  # ActNorm initialises on its first batch, which must be training data
+        parser.error(f"--num-steps must be >= 1, got {args.num_steps}")
 
     torch.set_num_threads(args.num_threads)
     torch.manual_seed(args.seed)

@@ -23,3 +23,12 @@ def test_normflows_two_moons_smoke(tmp_path: Path) -> None:
     assert match is not None, result.stdout
     assert math.isfinite(float(match.group(1)))
     assert (tmp_path / "normflows_two_moons.png").stat().st_size > 0
+
+
+def test_normflows_two_moons_refuses_zero_steps(tmp_path: Path) -> None:
+    """With no training step the first forward, which initialises ActNorm, would be on test data."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--num-steps", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 2 and "--num-steps must be >= 1, got 0" in result.stderr
