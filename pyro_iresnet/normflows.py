@@ -280,7 +280,7 @@ class Residual(Flow):
         self.reverse = bool(reverse)
         self.block = _NormflowsBlock(net, **block_options)
         self._convs_initialized = not any(isinstance(m, InducedNormConv2d) for m in self.block.induced_norm_layers)
-        self._register_load_state_dict_pre_hook(_load_normflows_checkpoint)
+        self._register_load_state_dict_pre_hook(_load_normflows_checkpoint, with_module=True)
 
     @property
     def geom_p(self) -> float:
@@ -372,15 +372,24 @@ class Residual(Flow):
         return f"reverse={self.reverse}"
 
 
-def _load_normflows_checkpoint(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook of :class:`Residual`: a ``normflows.flows.Residual`` entry
     ``iresblock.nnet.*`` is renamed to ``block.net.*`` and its normflows-only entries are dropped
-    (``state_dict`` is ``load_state_dict``'s own copy, edited in place)."""
+    (``state_dict`` is ``load_state_dict``'s own copy, edited in place). The power-iteration
+    vectors ``u``, ``v`` of a normflows ``InducedNormConv2d`` take the checkpoint's shapes: the
+    layer resizes them to its input size on its first forward, which a freshly built layer has not
+    seen."""
     old, new = prefix + "iresblock.nnet.", prefix + "block.net."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[new + key[len(old):]] = state_dict.pop(key)
     for name in _NORMFLOWS_ONLY_KEYS:
         state_dict.pop(prefix + "iresblock." + name, None)
+    for name, layer in module.block.net.named_modules():
+        if isinstance(layer, InducedNormConv2d):
+            for buffer in ("u", "v"):
+                saved = state_dict.get(f"{new}{name}.{buffer}")
+                if isinstance(saved, Tensor) and saved.shape != getattr(layer, buffer).shape:
+                    getattr(layer, buffer).resize_(saved.shape)
 
 
 # -- lipschitz_bound rules for normflows' nets ------------------------------------------------

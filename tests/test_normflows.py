@@ -589,6 +589,35 @@ def test_loads_normflows_checkpoint() -> None:
                                       if ".iresblock." not in k or ".iresblock.nnet." in k}
 
 
+@pytest.mark.parametrize("saved_by", ["ours", "normflows"])
+def test_cnn_checkpoint_loads_into_a_fresh_layer(saved_by: str) -> None:
+    """normflows' InducedNormConv2d resizes its power-iteration vectors on its first forward; a
+    checkpoint saved after one loads (strict) into a freshly built layer, with no forward first,
+    and gives the same outputs and log-dets."""
+    def make() -> nf.nets.LipschitzCNN:
+        torch.manual_seed(1)
+        return nf.nets.LipschitzCNN([2, 8, 8, 2], [3, 1, 3], lipschitz_const=0.9)
+
+    x = torch.randn(3, 2, 5, 5)
+    saved = Residual(make()) if saved_by == "ours" else TheirResidual(make())
+    saved(x)
+    state = copy.deepcopy(saved.state_dict())
+    loaded = Residual(make())
+    loaded.load_state_dict(state)
+    saved.eval(), loaded.eval()
+    with torch.no_grad():
+        z, logdet = loaded.inverse(x)
+        if saved_by == "ours":
+            z_ref, logdet_ref = saved.inverse(x)
+            torch.testing.assert_close(z, z_ref, rtol=0, atol=1e-6)
+            torch.testing.assert_close(logdet, logdet_ref, rtol=0, atol=1e-5)
+        else:
+            torch.testing.assert_close(z, x + saved.iresblock.nnet(x), rtol=0, atol=1e-6)
+    for name, buffer in loaded.state_dict().items():
+        torch.testing.assert_close(buffer, state[name.replace("block.net.", "iresblock.nnet.")]
+                                   if name not in state else state[name])
+
+
 def test_numpy_scalar_arguments() -> None:
     """numpy scalars are accepted where normflows accepts them (and converted); bools and floats
     for integers are still refused."""
