@@ -140,9 +140,10 @@ class ResidualBlock(nn.Module):
         inverse_method: ``"fixed_point"``, ``"anderson"``, or ``"newton"`` (fixed-point steps
             accelerated by safeguarded Newton and chord steps with the exact Jacobian, and an exactly
             solved adjoint, :func:`~pyro_iresnet.fused.newton_inverse`; needs the fused path: a
-            supported ``LipschitzMLP``, no context; meant for small $d$). With ``"newton"``,
-            ``inverse_and_logdet`` without gradients (sampling) takes the exact log-det from the
-            forward pass that checked the solution
+            supported ``LipschitzMLP``, no context; meant for small $d$). With ``"newton"``, an
+            ``inverse_and_logdet`` call that needs no gradient and whose log-det is exact (sampling
+            in ``eval()`` with ``eval_logdet`` exact, without ``exact_trace``) takes the log-det
+            from the forward pass that checked the solution
             (:func:`~pyro_iresnet.fused.newton_inverse_and_logdet`).
         strict: Raise :class:`~pyro_iresnet.ConvergenceError` instead of warning.
         check_finite: Reject NaN/Inf inputs. ``None`` checks CPU tensors only, since the check

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .errors import check_positive_int
 from .inverse import _COMPACT_FRACTION, SolveInfo, default_tolerances
 from .inverse import _report as report_nonconvergence
 from .lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear
@@ -644,7 +645,9 @@ class SolverNet:
             w = w * scale
             scale = 1.0
             if kind == "lipswish":
-                beta = mlp.betas[i]
+                # beta >= 4 / (largest float) keeps 1 / (1.1 beta) finite; the clamp changes
+                # sigmoid(beta z) by at most beta_min |z| / 4: nothing in float32/64, < 1.5e-5 |z| in float16
+                beta = mlp.betas[i].clamp(min=4.0 / torch.finfo(w.dtype).max)
                 w, b = w * beta, None if b is None else b * beta
                 scale = 1.0 / (_LIPSWISH_SCALE * beta)
             self.layers.append((w.t(), b, kind, mlp.alphas[i] if kind else None))
@@ -748,8 +751,9 @@ def _jacobian_product(
     r"""$J = W_L D_{L-1} W_{L-1} \cdots D_1 W_1$ per sample, shape ``(n, d, d)``, from the transposed
     weights $W_l^\top$ and the slopes ``(n, h_l)`` on the diagonals of $D_l$: column $j$ is
     $J e_j$, whose first product $W_1 e_j$ is a column of $W_1$ (no matmul). With ``scratch`` the
-    hidden-layer temporaries are scratch tensors (the result is fresh). Also returns the products
-    $W_2 D_1 W_1 e_j$, shape ``(d, n, h_2)`` (``None`` with fewer than two hidden layers)."""
+    hidden-layer temporaries are scratch tensors (the result is fresh, or a view of $W_1^\top$ for a
+    single linear layer; do not modify it). Also returns the products $W_2 D_1 W_1 e_j$, shape
+    ``(d, n, h_2)`` (``None`` with fewer than two hidden layers)."""
     p = weights_t[0].unsqueeze(1)  # (d, 1, h_1)
     n_layers = len(weights_t)
     second = None
@@ -811,8 +815,8 @@ def _newton(
     Finished samples (residual within ``tol``, or NaN/Inf) leave the batch once they are an
     eighth of it; until then they keep iterating and are checked again. Returns the points
     whose residual was evaluated and, ``with_logdet``, $\log|\det(I + J_g(x))|$ at them, from the
-    hidden pre-activations of the forward pass that checked them (NaN where the iterate is not
-    finite), in one Jacobian over the batch at the end.
+    hidden pre-activations of the forward pass that checked them, in one Jacobian over the batch at
+    the end (meaningless where the iterate is not finite; those samples are not converged).
     """
     n, d = y.shape
     x_out, residual = y.clone(), torch.full_like(tol, float("inf"))
@@ -840,6 +844,7 @@ def _newton(
             if ended is None:
                 break
             keep = (~done).nonzero().squeeze(1)
+            pre = [p.index_select(0, keep) for p in pre]
             active, x, f, y_act, tol_act, res, prev_res, step, use_jac, banned, done = (
                 t if t is None else t.index_select(0, keep)
                 for t in (active, x, f, y_act, tol_act, res, prev_res, step, use_jac, banned, done))
@@ -960,6 +965,7 @@ def newton_inverse(
         >>> info.converged, torch.allclose(x + net(x), y, atol=1e-5)
         (True, True)
     """
+    check_positive_int("max_iter", max_iter)
     default_atol, default_rtol = default_tolerances(y.dtype)
     info = SolveInfo()
     config = _InverseConfig(
@@ -999,8 +1005,9 @@ def newton_inverse_and_logdet(
         lipschitz: Returns a Lipschitz bound of $g$ (or None) for the non-convergence message.
 
     Returns:
-        $x$ of shape ``(N, d)``, the log-dets of shape ``(N,)`` (NaN where the iterate diverged)
-        and a :class:`~pyro_iresnet.inverse.SolveInfo`.
+        $x$ of shape ``(N, d)``, the log-dets of shape ``(N,)`` (meaningless where the iterate is
+        not finite: such samples have a NaN/Inf residual and count as not converged) and a
+        :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
         ConvergenceError: Instead of the warning, with ``strict=True``.
@@ -1022,6 +1029,7 @@ def newton_inverse_and_logdet(
         >>> torch.allclose(logdet, exact_logdet(net, x)[1], atol=1e-5)
         True
     """
+    check_positive_int("max_iter", max_iter)
     default_atol, default_rtol = default_tolerances(y.dtype)
     atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
     with torch.no_grad():

@@ -311,6 +311,61 @@ def test_newton_sampling_path_of_the_block(monkeypatch: pytest.MonkeyPatch) -> N
             ResidualBlock(net, inverse_method="newton", max_iter=1, strict=True).eval().inverse_and_logdet(y)
 
 
+def test_newton_sample_unaffected_by_a_diverging_neighbour() -> None:
+    """A NaN target (accepted with check_finite=False) stays in the batch while few samples have
+    finished; the Jacobian steps of the other samples must use their own points (regression: the
+    pre-activations were not compacted with the batch, so a sample got a neighbour's Jacobian)."""
+    from pyro_iresnet import ConvergenceWarning
+
+    net = LipschitzMLP([1, 2, 1], coeff=0.97, activation="elu").double()
+    with torch.no_grad():
+        net.layers[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net.layers[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        net.layers[0].bias.zero_(), net.layers[2].bias.zero_()
+    block = ResidualBlock(net, logdet="exact", inverse_method="newton", check_finite=False).eval()
+    y = torch.cat([torch.full((1, 1), float("nan")), torch.full((3, 1), 1e-4),
+                   torch.linspace(2, 6, 12, dtype=torch.float64)[:, None]])
+    with torch.no_grad():
+        x_ref, logdet_ref = block.inverse_and_logdet(y[1:])
+        with pytest.warns(ConvergenceWarning, match="1 of 16 samples"):
+            x, logdet = block.inverse_and_logdet(y)
+        with pytest.warns(ConvergenceWarning, match="1 of 16 samples"):
+            x_inv = block.inverse(y)
+    assert torch.isnan(x[0]).all() and torch.isnan(x_inv[0]).all()
+    torch.testing.assert_close(x[1:], x_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x_inv[1:], x_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet[1:], logdet_ref, rtol=0, atol=1e-12)
+
+
+def test_newton_entry_points_check_max_iter() -> None:
+    from pyro_iresnet.fused import fused_mlp, newton_inverse, newton_inverse_and_logdet, solver_net
+
+    mlp = fused_mlp(LipschitzMLP([2, 8, 2]))
+    with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
+        newton_inverse(mlp, torch.randn(3, 2), max_iter=0)
+    with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
+        newton_inverse_and_logdet(solver_net(mlp), torch.randn(3, 2), max_iter=0)
+
+
+@pytest.mark.parametrize("raw_beta", [-20.0, -110.0])  # beta = 2e-9, and 0 in float32
+def test_solver_net_with_a_vanishing_lipswish_beta(raw_beta: float) -> None:
+    """Folding 1 / (1.1 beta) into the next layer must not overflow when beta underflows."""
+    from pyro_iresnet.fused import fused_mlp, solver_net
+    from pyro_iresnet.logdet import exact_logdet
+
+    net = LipschitzMLP([2, 16, 16, 2], coeff=0.9).eval()
+    with torch.no_grad():
+        for act in net.layers[1::2]:
+            act.raw_beta.fill_(raw_beta)
+    x = torch.randn(8, 2)
+    with torch.no_grad():
+        g = solver_net(fused_mlp(net))
+        gx, logdet = g.exact_logdet(x)
+        torch.testing.assert_close(g(x), net(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(gx, net(x), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logdet, exact_logdet(net, x)[1], rtol=0, atol=1e-6)
+
+
 def test_newton_argument_checks() -> None:
     with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path"):
         ResidualBlock(nn.Sequential(nn.Linear(2, 2)), inverse_method="newton")
