@@ -35,15 +35,8 @@ from .errors import (
     check_positive_int,
     check_probability,
 )
-from .fused import (
-    SolverNet,
-    fused_logdet,
-    fused_mlp,
-    newton_inverse,
-    newton_inverse_and_logdet,
-    solver_net,
-    supports_fused,
-)
+from .fused import fused_logdet, fused_mlp, supports_fused
+from .fused_inverse import SolverNet, newton_inverse, newton_inverse_and_logdet, solver_net
 from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import frozen_spectral_norm, lipschitz_bound, refresh_spectral_norm
 from .logdet import (
@@ -139,12 +132,12 @@ class ResidualBlock(nn.Module):
         max_iter: Iteration cap of the inverse and of its adjoint.
         inverse_method: ``"fixed_point"``, ``"anderson"``, or ``"newton"`` (fixed-point steps
             accelerated by safeguarded Newton and chord steps with the exact Jacobian, and an exactly
-            solved adjoint, :func:`~pyro_iresnet.fused.newton_inverse`; needs the fused path: a
+            solved adjoint, :func:`~pyro_iresnet.fused_inverse.newton_inverse`; needs the fused path: a
             supported ``LipschitzMLP``, no context; meant for small $d$). With ``"newton"``, an
             ``inverse_and_logdet`` call that needs no gradient and whose log-det is exact (sampling
             in ``eval()`` with ``eval_logdet`` exact, without ``exact_trace``) takes the log-det
             from the forward pass that checked the solution
-            (:func:`~pyro_iresnet.fused.newton_inverse_and_logdet`).
+            (:func:`~pyro_iresnet.fused_inverse.newton_inverse_and_logdet`).
         strict: Raise :class:`~pyro_iresnet.ConvergenceError` instead of warning.
         check_finite: Reject NaN/Inf inputs. ``None`` checks CPU tensors only, since the check
             reads the tensor (a host-device sync on accelerators).
@@ -558,7 +551,7 @@ class ResidualBlock(nn.Module):
         return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
 
     def _value_only_newton(self, y_flat: Tensor, context: Tensor | None) -> SolverNet | None:
-        """The fused net for :func:`~pyro_iresnet.fused.newton_inverse_and_logdet` when it applies
+        """The fused net for :func:`~pyro_iresnet.fused_inverse.newton_inverse_and_logdet` when it applies
         to this ``inverse_and_logdet`` call (``None`` otherwise): ``inverse_method="newton"``, no
         gradient needed and the exact log-det."""
         if (

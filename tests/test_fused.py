@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import pyro_iresnet.block as block_module
-import pyro_iresnet.fused as fused_module
+import pyro_iresnet.fused_inverse as fused_inverse_module
 from pyro_iresnet import LipschitzMLP, ResidualBlock
 from tests.conftest import make_active_mlp
 
@@ -229,7 +229,7 @@ def _count_jacobian_steps(monkeypatch: pytest.MonkeyPatch, corrupt: bool = False
     log-det's is of the whole batch); with ``corrupt`` they are replaced by $-0.9 I$, which makes
     every Jacobian step overshoot."""
     steps = [0]
-    original = fused_module.SolverNet._jacobian
+    original = fused_inverse_module.SolverNet._jacobian
 
     def counted(self, pre, n, rows=None):
         jac = original(self, pre, n, rows)
@@ -239,7 +239,7 @@ def _count_jacobian_steps(monkeypatch: pytest.MonkeyPatch, corrupt: bool = False
                 jac = -0.9 * torch.eye(jac.shape[-1], dtype=jac.dtype).expand_as(jac)
         return jac
 
-    monkeypatch.setattr(fused_module.SolverNet, "_jacobian", counted)
+    monkeypatch.setattr(fused_inverse_module.SolverNet, "_jacobian", counted)
     return steps
 
 
@@ -251,7 +251,8 @@ def test_newton_inverse_and_logdet_matches_exact_reference(
     """Solution within tolerance, and the log-det at it equal to autograd's Jacobian + slogdet,
     while Jacobian (Newton/chord) steps are taken (contraction factors near 0.97 make the plain
     fixed point slow)."""
-    from pyro_iresnet.fused import fused_mlp, newton_inverse_and_logdet, solver_net
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import newton_inverse_and_logdet, solver_net
     from pyro_iresnet.logdet import exact_logdet
 
     net = make_active_mlp(dims, coeff=0.97, activation=activation)
@@ -270,7 +271,8 @@ def test_newton_inverse_and_logdet_matches_exact_reference(
 def test_newton_inverse_and_logdet_survives_failing_jacobian_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Jacobian step that does not reduce the residual ends that sample's Jacobian steps; the
     fixed-point steps that follow still converge, and the log-det is still exact."""
-    from pyro_iresnet.fused import fused_mlp, newton_inverse_and_logdet, solver_net
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import newton_inverse_and_logdet, solver_net
     from pyro_iresnet.logdet import exact_logdet
 
     net = make_active_mlp([2, 16, 16, 2], coeff=0.97)
@@ -338,7 +340,8 @@ def test_newton_sample_unaffected_by_a_diverging_neighbour() -> None:
 
 
 def test_newton_entry_points_check_max_iter() -> None:
-    from pyro_iresnet.fused import fused_mlp, newton_inverse, newton_inverse_and_logdet, solver_net
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import newton_inverse, newton_inverse_and_logdet, solver_net
 
     mlp = fused_mlp(LipschitzMLP([2, 8, 2]))
     with pytest.raises(ValueError, match="max_iter must be >= 1, got 0"):
@@ -350,7 +353,8 @@ def test_newton_entry_points_check_max_iter() -> None:
 @pytest.mark.parametrize("raw_beta", [-20.0, -110.0])  # beta = 2e-9, and 0 in float32
 def test_solver_net_with_a_vanishing_lipswish_beta(raw_beta: float) -> None:
     """Folding 1 / (1.1 beta) into the next layer must not overflow when beta underflows."""
-    from pyro_iresnet.fused import fused_mlp, solver_net
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import solver_net
     from pyro_iresnet.logdet import exact_logdet
 
     net = LipschitzMLP([2, 16, 16, 2], coeff=0.9).eval()
