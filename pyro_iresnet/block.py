@@ -35,7 +35,7 @@ from .errors import (
     check_positive_int,
     check_probability,
 )
-from .fused import fused_logdet, fused_mlp, supports_fused
+from .fused import FusedMLP, fused_logdet, fused_mlp, supports_fused
 from .fused_inverse import SolverNet, newton_inverse, newton_inverse_and_logdet, solver_net
 from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import frozen_spectral_norm, lipschitz_bound, refresh_spectral_norm
@@ -367,26 +367,25 @@ class ResidualBlock(nn.Module):
         return self.eval_logdet
 
     def _logdet_flat(
-        self, x: Tensor, context: Tensor | None, solver: SolverNet | None = None
+        self, x: Tensor, context: Tensor | None, fast_no_grad: FusedMLP | None = None
     ) -> tuple[Tensor, Tensor]:
-        """$g(x)$ and the log-det for flattened inputs; records diagnostics. ``solver``: the fused
-        net of the inverse solve in this call, if any (used when no gradient is needed)."""
+        """$g(x)$ and the log-det for flattened inputs; records diagnostics. ``fast_no_grad``: the
+        fused parameters if already read under ``no_grad`` in this call (used when no gradient is
+        needed)."""
         method = self._current_logdet_method(math.prod(x.shape[1:]))
         needs_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or any(p.requires_grad for p in self.net.parameters())
             or (context is not None and context.requires_grad)
         )
-        if solver is not None and not needs_grad:
-            fast = solver.mlp
+        if fast_no_grad is not None and not needs_grad:
+            fast = fast_no_grad
         else:
             with torch.set_grad_enabled(needs_grad):
                 fast = self._fused_net(context)
         if method == "exact":
             self.last_diagnostics = Diagnostics("exact", None, None)
             with torch.set_grad_enabled(needs_grad):
-                if solver is not None and not needs_grad:
-                    return solver.exact_logdet(x)
                 if fast is not None:
                     return fused_logdet(fast, x, "exact")
                 return exact_logdet(self.g, x, context)
@@ -491,9 +490,9 @@ class ResidualBlock(nn.Module):
         y_flat, context, _, shape = self._prepare(y, "y", context)
         return self._inverse_flat(y_flat, context)[0].reshape(shape)
 
-    def _inverse_flat(self, y_flat: Tensor, context: Tensor | None) -> tuple[Tensor, SolverNet | None]:
-        """The inverse for flattened, checked inputs; also the fused net it built under ``no_grad``
-        (``None`` if none), for a log-det at the solution."""
+    def _inverse_flat(self, y_flat: Tensor, context: Tensor | None) -> tuple[Tensor, FusedMLP | None]:
+        """The inverse for flattened, checked inputs; also the fused parameters it read under
+        ``no_grad`` (``None`` if none), for a log-det at the solution."""
         self.refresh_lipschitz()
         params = self._params() if torch.is_grad_enabled() else []
         if self.inverse_method == "newton":
@@ -509,7 +508,7 @@ class ResidualBlock(nn.Module):
             return x, None
         with torch.no_grad():
             fast = self._fused_net(context)
-        g, g_solver = self.g, None
+        g = self.g
         if fast is not None:  # solver iterations (no_grad) skip the modules; the adjoint uses g
             g_solver = solver_net(fast)
 
@@ -522,7 +521,7 @@ class ResidualBlock(nn.Module):
             strict=self.strict, lipschitz=self._certified_lipschitz,
         )
         self.last_diagnostics = Diagnostics(inverse=info)
-        return x, g_solver
+        return x, fast
 
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
@@ -544,9 +543,9 @@ class ResidualBlock(nn.Module):
             )
             self.last_diagnostics = Diagnostics("exact", None, info)
             return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
-        x_flat, solver = self._inverse_flat(y_flat, context)
+        x_flat, fast = self._inverse_flat(y_flat, context)
         info = self.last_diagnostics.inverse
-        _, logdet = self._logdet_flat(x_flat, context, solver)
+        _, logdet = self._logdet_flat(x_flat, context, fast)
         self.last_diagnostics.inverse = info
         return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
 

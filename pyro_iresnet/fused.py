@@ -432,28 +432,31 @@ class _Spec:
     neumann_grad: bool
 
 
+def _inverse(jac: Tensor) -> Tensor:
+    r"""$(I + J)^{-1}$ per sample, shape ``(N, d, d)``; closed form for $d \le 2$."""
+    d = jac.shape[-1]
+    if d == 1:
+        return 1 / (1 + jac)
+    if d == 2:
+        a, b, c, e = 1 + jac[:, 0, 0], jac[:, 0, 1], jac[:, 1, 0], 1 + jac[:, 1, 1]
+        adj = torch.stack([torch.stack([e, -b], -1), torch.stack([-c, a], -1)], -2)
+        return adj / (a * e - b * c)[:, None, None]
+    mat = _upcast_half(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac)
+    return torch.linalg.inv(mat).to(jac.dtype)
+
+
 def _logabsdet(jac: Tensor, for_backward: bool) -> tuple[Tensor, Tensor | None]:
     r"""$\log|\det(I + J)|$ per sample from ``jac`` ``(N, d, d)`` (closed form for $d \le 2$) and,
     ``for_backward``, $M = (I + J)^{-\top}$ (else ``None``)."""
-    n, d = jac.shape[0], jac.shape[-1]
-    inv_t = None
+    d = jac.shape[-1]
     if d == 1:
-        det = 1 + jac[:, 0, 0]
-        if for_backward:
-            inv_t = (1 / det).reshape(n, 1, 1)
-        return torch.log(det.abs()), inv_t
-    if d == 2:
-        a, b = 1 + jac[:, 0, 0], jac[:, 0, 1]
-        c, e = jac[:, 1, 0], 1 + jac[:, 1, 1]
-        det = a * e - b * c
-        if for_backward:
-            inv_t = torch.stack([torch.stack([e, -c], -1), torch.stack([-b, a], -1)], -2) / det[:, None, None]
-        return torch.log(det.abs()), inv_t
-    mat = _upcast_half(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac)
-    logdet = torch.linalg.slogdet(mat).logabsdet.to(jac.dtype)
-    if for_backward:
-        inv_t = torch.linalg.inv(mat).to(jac.dtype).mT
-    return logdet, inv_t
+        logdet = torch.log((1 + jac[:, 0, 0]).abs())
+    elif d == 2:
+        logdet = torch.log(((1 + jac[:, 0, 0]) * (1 + jac[:, 1, 1]) - jac[:, 0, 1] * jac[:, 1, 0]).abs())
+    else:
+        mat = _upcast_half(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac)
+        logdet = torch.linalg.slogdet(mat).logabsdet.to(jac.dtype)
+    return logdet, _inverse(jac).mT if for_backward else None
 
 
 def _exact_value(mlp: FusedMLP, cache: _Cache) -> tuple[Tensor, tuple]:

@@ -1,8 +1,8 @@
 r"""Inverse solves on the fused path of :class:`~pyro_iresnet.ResidualBlock` (the library's own
 :class:`~pyro_iresnet.LipschitzMLP`; see :mod:`pyro_iresnet.fused`).
 
-* :class:`SolverNet`: $g$ with its constants folded into the weights, for solver iterations and for
-  value-only log-dets; :func:`solver_net` builds it.
+* :class:`SolverNet`: $g$ with its constants folded into the weights, for solver iterations and the
+  Newton iteration's Jacobians; :func:`solver_net` builds it.
 * :func:`newton_inverse`: fixed-point steps $x \leftarrow y - g(x)$ that turn, per sample, into
   Newton and chord steps with the exact Jacobian where they contract slowly; implicit gradient
   with the adjoint $(I + J_g)^\top u = \bar x$ solved exactly.
@@ -33,6 +33,7 @@ from .fused import (
     FusedMLP,
     _backward,
     _forward,
+    _inverse,
     _jacobian,
     _jacobian_product,
     _logabsdet,
@@ -40,11 +41,10 @@ from .fused import (
 )
 from .inverse import _COMPACT_FRACTION, SolveInfo, default_tolerances
 from .inverse import _report as report_nonconvergence
-from .logdet import _upcast_half
 
 
 class SolverNet:
-    r"""$x \mapsto g(x)$ for solver iterations, and the exact log-det's value at a solution (no
+    r"""$x \mapsto g(x)$ for solver iterations, and $J_g$ at the points of a forward pass (no
     autograd; call under ``no_grad``).
 
     Constants are folded into the weights once: a LipSwish layer computes $u = \beta(\tilde W h + b)$,
@@ -126,19 +126,6 @@ class SolverNet:
                 slopes.append(torch.where(u > 0, 1.0, torch.exp(u.clamp(max=0.0)).mul_(alpha)))
         return _jacobian_product(self.weights_t, slopes, n, scratch=True)[0]
 
-    def exact_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        r"""$g(x)$ and $\log|\det(I + J_g(x))|$ per sample (the values of
-        ``fused_logdet(mlp, x, "exact")``), from one forward and the Jacobian's $d$ columns.
-
-        Args:
-            x: Inputs ``(N, d)``.
-
-        Returns:
-            ``g(x)`` of shape ``(N, d)`` and the log-dets of shape ``(N,)``.
-        """
-        gx, pre = self._forward(x, keep=True)
-        return gx, _logabsdet(self._jacobian(pre, x.shape[0]), for_backward=False)[0]
-
 
 def solver_net(mlp: FusedMLP) -> SolverNet:
     r"""The :class:`SolverNet` of ``mlp``: $x \mapsto g(x)$ for solver iterations (no autograd).
@@ -155,46 +142,15 @@ def solver_net(mlp: FusedMLP) -> SolverNet:
 
     Examples:
         >>> from pyro_iresnet import LipschitzMLP
-        >>> from pyro_iresnet.fused import fused_logdet, fused_mlp
-        >>> net = LipschitzMLP([2, 8, 2], coeff=0.9).eval()
+        >>> from pyro_iresnet.fused import fused_mlp
+        >>> net = LipschitzMLP([2, 8, 2], activation="elu").eval()
         >>> x = torch.randn(4, 2)
         >>> with torch.no_grad():
-        ...     gx, logdet = solver_net(fused_mlp(net)).exact_logdet(x)
-        ...     reference = fused_logdet(fused_mlp(net), x, "exact")[1]
-        >>> torch.allclose(logdet, reference, atol=1e-6)
+        ...     gx = solver_net(fused_mlp(net))(x)
+        >>> torch.allclose(gx, net(x), atol=1e-6)
         True
     """
     return SolverNet(mlp)
-
-
-def _solve(jac: Tensor, rhs: Tensor, transpose: bool) -> Tensor:
-    r"""$(I + J)^{-1} r$ (or $(I + J)^{-\top} r$) per sample; closed form for $d \le 2$."""
-    d = rhs.shape[-1]
-    if d == 1:
-        return rhs / (1 + jac[:, :, 0])
-    if d == 2:
-        a, b, c, e = 1 + jac[:, 0, 0], jac[:, 0, 1], jac[:, 1, 0], 1 + jac[:, 1, 1]
-        if transpose:
-            b, c = c, b
-        det = a * e - b * c
-        r0, r1 = rhs[:, 0], rhs[:, 1]
-        return torch.stack([e * r0 - b * r1, a * r1 - c * r0], 1) / det[:, None]
-    mat = torch.eye(d, dtype=rhs.dtype, device=rhs.device) + jac
-    mat = _upcast_half(mat.mT if transpose else mat)
-    return torch.linalg.solve(mat, _upcast_half(rhs).unsqueeze(-1)).squeeze(-1).to(rhs.dtype)
-
-
-def _inverse(jac: Tensor) -> Tensor:
-    r"""$(I + J)^{-1}$ per sample, shape ``(N, d, d)``; closed form for $d \le 2$."""
-    d = jac.shape[-1]
-    if d == 1:
-        return 1 / (1 + jac)
-    if d == 2:
-        a, b, c, e = 1 + jac[:, 0, 0], jac[:, 0, 1], jac[:, 1, 0], 1 + jac[:, 1, 1]
-        adj = torch.stack([torch.stack([e, -b], -1), torch.stack([-c, a], -1)], -2)
-        return adj / (a * e - b * c)[:, None, None]
-    mat = _upcast_half(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac)
-    return torch.linalg.inv(mat).to(jac.dtype)
 
 
 def _newton(
@@ -301,7 +257,8 @@ class _NewtonInverse(torch.autograd.Function):
     def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, ...]:
         (x,) = ctx.saved_tensors
         _, cache = _forward(ctx.mlp, x)
-        u = _solve(_jacobian(ctx.mlp, cache)[0], grad_x, transpose=True)  # u = (I + J)^{-T} grad_x
+        inv_t = _inverse(_jacobian(ctx.mlp, cache)[0]).mT
+        u = torch.bmm(inv_t, grad_x.unsqueeze(-1)).squeeze(-1)  # u = (I + J)^{-T} grad_x
         _, grads = _backward(ctx.mlp, cache, -u, None, None)
         return (None, u, *ctx.mlp.raw_weight_grads(grads))
 
