@@ -270,7 +270,7 @@ def report(res: dict, args: argparse.Namespace) -> None:
           f"{mem['theirs']:.1f} | "
           f"{mem['theirs'] / mem['ours']:.2f}x | ours <= theirs |")
     curves = res["curves"]
-    if not curves or not all(curves.values()):  # --load, or fewer steps than --eval-every
+    if not curves or not all(curves.values()):  # --load, or --steps 0
         return
     budget = min(curves[k][-1][1] for k in curves)  # equal wall-clock: the faster model's total
     nll = {k: nll_at(curves[k], budget) for k in curves}

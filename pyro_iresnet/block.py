@@ -341,7 +341,8 @@ class ResidualBlock(nn.Module):
         if not self._net_takes_context:
             raise ValueError(
                 f"residual block {self.name} got a context, but its net ({type(self.net).__name__}) takes none: "
-                "call it without a context, or use a conditional net such as ConcatContextNet"
+                "call it without a context, or use a conditional net such as ConcatContextNet (a net with a "
+                "context_dim attribute is always given the context)"
             )
         self._check_tensor(context, "context")
         if context.dim() < 1 or (self.context_dim is not None and context.shape[-1] != self.context_dim):
@@ -573,9 +574,12 @@ class ResidualBlock(nn.Module):
 
 
 def _accepts_second_argument(net: nn.Module) -> bool:
-    """Whether ``net(x, context)`` fits ``net.forward``'s signature (True if it cannot be read)."""
-    try:
-        parameters = inspect.signature(net.forward).parameters.values()
+    """Whether ``net(x, context)`` fits ``net.forward``'s signature (True if it cannot be read, or
+    if a forward pre-hook may turn the two inputs into one)."""
+    if net._forward_pre_hooks:
+        return True
+    try:  # the callable that runs: a decorator's wrapper, not the function it wraps
+        parameters = inspect.signature(net.forward, follow_wrapped=False).parameters.values()
     except (TypeError, ValueError):
         return True
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

@@ -378,7 +378,7 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
     (``state_dict`` is ``load_state_dict``'s own copy, edited in place). The power-iteration
     vectors ``u``, ``v`` of a normflows ``InducedNormConv2d`` take the checkpoint's shapes: the
     layer resizes them to its input size on its first forward, which a freshly built layer has not
-    seen."""
+    seen; and the next call reads the input size again, which the checkpoint may predate."""
     old, new = prefix + "iresblock.nnet.", prefix + "block.net."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[new + key[len(old):]] = state_dict.pop(key)
@@ -386,8 +386,9 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
         state_dict.pop(prefix + "iresblock." + name, None)
     for name, layer in module.block.net.named_modules():
         if isinstance(layer, InducedNormConv2d):
+            module._convs_initialized = False  # the checkpoint may predate the input size: re-read it
             for buffer in ("u", "v"):
-                saved = state_dict.get(f"{new}{name}.{buffer}")
+                saved = state_dict.get(f"{new}{name}.{buffer}" if name else f"{new}{buffer}")
                 if isinstance(saved, Tensor) and saved.shape != getattr(layer, buffer).shape:
                     getattr(layer, buffer).resize_(saved.shape)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from pyro_iresnet import LipschitzMLP, ResidualBlock
 from pyro_iresnet.pyro import ConcatContextNet
@@ -189,3 +190,32 @@ def test_empty_batch_through_every_path(options: dict) -> None:
     y, logdet = block.forward_and_logdet(x)
     (y.sum() + logdet.sum()).backward()
     assert x.grad.shape == (0, 2) and block.inverse(y.detach()).shape == (0, 2)
+
+
+def test_context_reaches_nets_that_take_it_through_a_pre_hook_or_a_decorator() -> None:
+    """A net whose forward takes one input can still take a context: through a forward pre-hook
+    that joins (x, context), or a decorator whose wrapper takes both. Neither is refused."""
+    import functools
+
+    def concat_inputs(fn):
+        @functools.wraps(fn)
+        def wrapper(self, x, context):
+            return fn(self, torch.cat([x, context], -1))
+        return wrapper
+
+    class Decorated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2).double()
+
+        @concat_inputs
+        def forward(self, xc: torch.Tensor) -> torch.Tensor:
+            return 0.1 * torch.tanh(self.linear(xc))
+
+    hooked = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    hooked.register_forward_pre_hook(lambda module, args: (0.1 * torch.cat(args, -1),))
+    x, context = torch.randn(5, 2, dtype=DTYPE), torch.randn(5, 2, dtype=DTYPE)
+    for net in (hooked, Decorated()):
+        block = ResidualBlock(net, logdet="exact")
+        y = block(x, context)
+        torch.testing.assert_close(block.inverse(y, context), x, rtol=0, atol=1e-10)

@@ -618,6 +618,47 @@ def test_cnn_checkpoint_loads_into_a_fresh_layer(saved_by: str) -> None:
                                    if name not in state else state[name])
 
 
+def test_cnn_checkpoint_saved_before_any_forward_loads_into_a_used_layer() -> None:
+    """Rewinding to weights saved before the first forward: the layer that already ran one must
+    learn its input size again and end up as a fresh layer loaded with the same checkpoint."""
+    def make() -> nf.nets.LipschitzCNN:
+        torch.manual_seed(1)
+        return nf.nets.LipschitzCNN([2, 8, 8, 2], [3, 3, 3], lipschitz_const=0.9, init_zeros=False)
+
+    x = torch.randn(3, 2, 5, 5)
+    initial = copy.deepcopy(Residual(make()).state_dict())
+    used, fresh = Residual(make()), Residual(make())
+    used(x)
+    for layer in (used, fresh):
+        layer.load_state_dict(initial)
+        torch.manual_seed(5)  # the power-iteration vectors start at random
+        layer(x)  # training mode: learns the input size
+        layer.eval()
+    assert used.block.input_sizes == fresh.block.input_sizes
+    for (name, a), b in zip(used.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(used.inverse(x), fresh.inverse(x), rtol=0, atol=0)
+
+
+def test_checkpoint_of_a_bare_induced_norm_conv_net() -> None:
+    """A net that is itself an InducedNormConv2d (its module name is empty) loads into a fresh layer."""
+    from normflows.nets.lipschitz import InducedNormConv2d
+
+    def make() -> InducedNormConv2d:
+        torch.manual_seed(0)
+        return InducedNormConv2d(2, 2, 3, 1, 1, coeff=0.9, n_iterations=5)
+
+    x = torch.randn(3, 2, 5, 5)
+    saved = Residual(make())
+    saved(x)
+    loaded = Residual(make())
+    loaded.load_state_dict(copy.deepcopy(saved.state_dict()))
+    saved.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.inverse(x), saved.inverse(x), rtol=0, atol=0)
+
+
 def test_numpy_scalar_arguments() -> None:
     """numpy scalars are accepted where normflows accepts them (and converted); bools and floats
     for integers are still refused."""
