@@ -39,7 +39,7 @@ from .fused import (
     _logabsdet,
     _scratch,
 )
-from .inverse import _COMPACT_FRACTION, SolveInfo, default_tolerances
+from .inverse import _COMPACT_FRACTION, SolveInfo, _max_abs, _residual_tolerance, default_tolerances
 from .inverse import _report as report_nonconvergence
 
 
@@ -188,7 +188,7 @@ def _newton(
     for iteration in range(1, max_iter + 1):
         gx, pre = net._forward(x, keep=True)
         f = gx.add_(x).sub_(y_act)  # F(x); the fixed-point step is x - F(x)
-        res = f.abs().amax(1)
+        res = _max_abs(f)
         done = (res <= tol_act) | ~torch.isfinite(res)
         n_done = int(done.sum()) if iteration < max_iter else done.shape[0]
         if n_done and (n_done * _COMPACT_FRACTION >= done.shape[0] or iteration == max_iter):
@@ -242,7 +242,7 @@ class _NewtonInverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config: _InverseConfig, y: Tensor, *tensors: Tensor) -> Tensor:
         mlp = config.mlp.detached()
-        tol = config.atol + config.rtol * y.detach().abs().amax(1)
+        tol = _residual_tolerance(y.detach(), config.atol, config.rtol)
         x, _, info = _newton(SolverNet(mlp), y.detach(), tol, config.max_iter)
         config.info.iterations, config.info.residual, config.info.converged = (
             info.iterations, info.residual, info.converged)
@@ -393,7 +393,7 @@ def newton_inverse_and_logdet(
     default_atol, default_rtol = default_tolerances(y.dtype)
     atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
     with torch.no_grad():
-        x, logdet, info = _newton(net, y, atol + rtol * y.abs().amax(1), max_iter, with_logdet=True)
+        x, logdet, info = _newton(net, y, _residual_tolerance(y, atol, rtol), max_iter, with_logdet=True)
     if not info.converged:
         report_nonconvergence(info, "Newton inverse", strict, lipschitz())
     return x, logdet, info
