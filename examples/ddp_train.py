@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-sync-buffers", action="store_true",
                         help="(testing) turn off DDP's per-forward buffer broadcast")
     parser.add_argument("--desync-buffers", action="store_true",
-                        help="(testing) after wrapping, give ranks > 0 fresh random power-iteration vectors")
+                        help="(testing) before training, give ranks > 0 fresh random power-iteration vectors")
     args = parser.parse_args(argv)
     if args.log_every < 1:
         parser.error(f"--log-every must be >= 1, got {args.log_every}")
@@ -157,11 +157,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     model = FlowNLL(args.num_blocks, args.hidden, args.coeff, args.logdet, device)
     ddp = wrap_ddp(model, device, sync_buffers=not args.no_sync_buffers)
-    if args.desync_buffers and rank > 0:  # a rank whose power iteration drifted (test of the check)
-        with torch.no_grad():
-            for layer in (m for m in model.modules() if isinstance(m, SpectralNormLinear)):
-                layer.u.copy_(torch.nn.functional.normalize(torch.randn_like(layer.u), dim=0))
-                layer.v.copy_(torch.nn.functional.normalize(torch.randn_like(layer.v), dim=0))
     # ... and a different stream per rank for its data shard and the estimator's draws.
     torch.manual_seed(args.seed * 100_003 + rank + 1)
     shard = two_moons(20_000, generator=torch.Generator().manual_seed(args.seed * 100_003 + rank + 1)).to(device)
@@ -181,6 +176,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # on every rank (no collectives): eval() settles each rank's power iteration alike, so the ranks
     # stay identical even without DDP's buffer broadcast (--no-sync-buffers)
     initial_nll = held_out_nll()
+    if args.desync_buffers and rank > 0:  # a rank whose power iteration drifted (test of the check)
+        desync = torch.Generator().manual_seed(rank)  # after eval(), whose settling would repair them
+        with torch.no_grad():
+            for layer in (m for m in model.modules() if isinstance(m, SpectralNormLinear)):
+                for buffer in (layer.u, layer.v):
+                    buffer.copy_(torch.nn.functional.normalize(torch.randn(buffer.shape, generator=desync), dim=0))
     losses: list[tuple[int, float]] = []
     start = time.perf_counter()
     for step in range(args.num_steps):

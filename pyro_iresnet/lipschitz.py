@@ -114,7 +114,8 @@ class _SpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _converge_power_iteration(self, rtol: float) -> None:
-        """Iterate until the estimate is within ``rtol`` of the exact norm.
+        """Bring the estimate within ``rtol`` of the exact norm: set ``u``, ``v`` to the top singular
+        pair where the layer has it in closed form (:meth:`_top_singular`), else iterate.
 
         Raises:
             NonFiniteError: If the weight holds NaN/Inf (its norm is undefined)."""
@@ -123,6 +124,12 @@ class _SpectralNorm(nn.Module):
                 f"the weight of {type(self).__name__}({self.extra_repr()}) holds NaN/Inf, so its spectral "
                 "norm is undefined; restore the weight (e.g. from a checkpoint) or lower the learning rate"
             )
+        top = self._top_singular()
+        if top is not None:
+            if self.sigma_estimate() < (1.0 - rtol) * top[2]:
+                self.u.copy_(top[0])
+                self.v.copy_(top[1])
+            return
         exact = self.exact_operator_norm()
         for _ in range(_MAX_INIT_ITERATIONS):
             if self.sigma_estimate() >= (1.0 - rtol) * exact:
@@ -143,10 +150,12 @@ class _SpectralNorm(nn.Module):
         r"""Bring the power iteration up to date with the weight, once per change of the weight.
 
         In training mode: ``n_power_iterations`` steps (cheap; the estimate may lag behind fast-moving
-        weights). In ``eval()``: iterate until $\tilde\sigma$ is within a relative
+        weights). In ``eval()``: unless $\tilde\sigma$ is already within a relative
         $\max(10^{-6}, 100\,\varepsilon)$ of the exact norm ($\varepsilon$ the weight dtype's machine
-        epsilon: about 1.2e-5 in float32, 1e-6 in float64), so that a model evaluated or sampled
-        after training applies $\|\tilde W\| \le c$ up to that tolerance. Repeated calls with unchanged weights (e.g. a
+        epsilon: about 1.2e-5 in float32, 1e-6 in float64), a linear layer sets $u, v$ to the exact
+        top singular vectors (one SVD; $\tilde\sigma$ is then the exact norm up to rounding) and a
+        convolution iterates to that tolerance, so that a model evaluated or sampled after training
+        applies $\|\tilde W\| \le c$ up to it. Repeated calls with unchanged weights (e.g. a
         forward and then an inverse) leave the operator as it is, so round trips are exact.
         """
         self._match_buffers()
@@ -168,9 +177,9 @@ class _SpectralNorm(nn.Module):
         ``load_state_dict``, ``.to()`` and pickling keep the Parameter object (or restore both it and
         the buffers); ``pyro.module(..., update_module_params=True)`` after loading Pyro's param store
         swaps in new Parameters but not the buffers, which would leave $\tilde\sigma$ stale and
-        $\|\tilde W\|$ above $c$. Then, unless the new weight equals the old one, power iteration runs
-        to within a relative $\max(10^{-6}, 100\,\varepsilon)$ of the exact norm (about 1.2e-5 in
-        float32, 1e-6 in float64)."""
+        $\|\tilde W\|$ above $c$. Then, unless the new weight equals the old one, the buffers are
+        brought to within a relative $\max(10^{-6}, 100\,\varepsilon)$ of the exact norm (about
+        1.2e-5 in float32, 1e-6 in float64) as in :meth:`refresh` in ``eval()``."""
         previous = self._buffers_match[0]
         if previous is self.weight:
             return
@@ -203,6 +212,11 @@ class _SpectralNorm(nn.Module):
         """Exact spectral norm of the raw operator."""
         raise NotImplementedError
 
+    def _top_singular(self) -> tuple[Tensor, Tensor, float] | None:
+        """The raw operator's top left and right singular vectors (shaped as ``u`` and ``v``) and its
+        norm, if the layer computes them directly (``None``: power iteration converges the buffers)."""
+        return None
+
     def lipschitz_constant(self) -> float:
         """Certified Lipschitz constant of the layer: the exact norm of the normalised operator."""
         with torch.no_grad():
@@ -229,10 +243,11 @@ class SpectralNormLinear(_SpectralNorm):
     Power iteration runs automatically: ``n_power_iterations`` steps in the first training-mode
     forward after each change of the weight (e.g. each optimiser step; not while frozen by
     :func:`frozen_spectral_norm`), none when the layer is called on its own in ``eval()``; a
-    residual block in ``eval()`` settles it instead (iterates until $\tilde\sigma$ is within a
-    relative $\max(10^{-6}, 100\,\varepsilon)$ of the exact norm, about 1.2e-5 in float32 and 1e-6 in
-    float64, once per change of the weight). At construction it iterates until
-    $\tilde\sigma$ is within 1% of the exact norm. Gradients flow through $\tilde\sigma$.
+    residual block in ``eval()`` settles it instead, once per change of the weight: unless
+    $\tilde\sigma$ is already within a relative $\max(10^{-6}, 100\,\varepsilon)$ of the exact
+    norm (about 1.2e-5 in float32, 1e-6 in float64), $u$ and $v$ are set to the exact top singular
+    vectors of $W$ (one SVD). At construction the same happens unless the random start is within 1%
+    of the exact norm. Gradients flow through $\tilde\sigma$.
 
     Args:
         in_features: Input size $d_\text{in}$; inputs have shape ``(..., in_features)``.
@@ -284,6 +299,13 @@ class SpectralNormLinear(_SpectralNorm):
         float32 for half-precision weights, which it does not take)."""
         with torch.no_grad():
             return float(torch.linalg.matrix_norm(_upcast_half(self.weight), ord=2))
+
+    def _top_singular(self) -> tuple[Tensor, Tensor, float]:
+        r"""$u_1$, $v_1$ and $\sigma_1$ of $W = \sum_i \sigma_i u_i v_i^\top$ from one SVD (then
+        $u_1^\top W v_1 = \sigma_1$ up to rounding; power iteration needs many steps where
+        $\sigma_2 \approx \sigma_1$)."""
+        u, sigma, vh = torch.linalg.svd(_upcast_half(self.weight.detach()), full_matrices=False)
+        return u[:, 0].to(self.u.dtype), vh[0].to(self.v.dtype), float(sigma[0])
 
     def forward(self, x: Tensor) -> Tensor:
         r"""$\tilde W x + b$ for ``x`` of shape ``(..., in_features)`` (power iteration first, in
@@ -437,9 +459,10 @@ def refresh_spectral_norm(module: nn.Module) -> None:
     r"""Bring the power iteration of every spectrally normalised layer of ``module`` up to date.
 
     A power-iteration step is $v \leftarrow W^\top u / \|W^\top u\|$, $u \leftarrow W v / \|W v\|$.
-    A layer in training mode runs ``n_power_iterations`` steps; a layer in ``eval()`` iterates until
-    $\tilde\sigma$ is within a relative $\max(10^{-6}, 100\,\varepsilon)$ of its exact norm (about
-    1.2e-5 in float32, 1e-6 in float64). Either is skipped while the weight is unchanged
+    A layer in training mode runs ``n_power_iterations`` steps; a layer in ``eval()`` brings
+    $\tilde\sigma$ within a relative $\max(10^{-6}, 100\,\varepsilon)$ of its exact norm (about
+    1.2e-5 in float32, 1e-6 in float64): a linear layer by taking its exact top singular vectors
+    from one SVD, a convolution by iterating. Either is skipped while the weight is unchanged
     since the layer's last refresh in that mode. Every forward and inverse already does this; call
     it e.g. after ``optimizer.step()`` and before :func:`lipschitz_bound`, so that the certificate
     describes the operator the next call applies (``model.eval()`` first for the settled one).

@@ -261,9 +261,11 @@ def test_newton_inverse_and_logdet_matches_exact_reference(
     x, logdet, info = newton_inverse_and_logdet(solver_net(fused_mlp(net)), y)
     with torch.no_grad():
         residual = (x + net(x) - y).abs().amax(1)
-    assert info.converged and bool((residual <= 1e-12 + 1e-13 * y.abs().amax(1)).all())
-    # the residual of the returned point, up to rounding (values of size |y| ~ 10, eps 2.2e-16)
-    torch.testing.assert_close(info.residual, residual, rtol=0, atol=1e-14)
+    # the residual of the returned point, up to rounding: the solver evaluates g with its constants
+    # folded into the weights and other summation orders, which moves a residual by tens of ulps of
+    # the values (|y| < 8 here: ulp 8.9e-16)
+    torch.testing.assert_close(info.residual, residual, rtol=0, atol=1e-13)
+    assert info.converged and bool((residual <= 1e-12 + 1e-13 * y.abs().amax(1) + 1e-13).all())
     torch.testing.assert_close(logdet, exact_logdet(net, x)[1], rtol=0, atol=1e-12)
     assert steps[0] > 0
 

@@ -73,6 +73,31 @@ def test_power_iteration_runs_in_training_only_and_once_per_weight_change() -> N
     assert torch.equal(layer.u, u_after)  # same weights: no further iteration
 
 
+def test_eval_settles_linear_layers_to_the_exact_norm_in_one_svd() -> None:
+    """After a weight change, a block in eval() sets u, v of its linear layers to the exact top singular
+    vectors: sigma~ equals the exact norm to float64 rounding, where iterating would stop at the
+    settle tolerance (1e-6 relative) and need many steps for close top singular values (here
+    sigma_2 / sigma_1 = 0.999, so a power step shrinks the error of u by only 0.1%)."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([6, 32, 6], coeff=0.9).double())
+    layer = block.net.layers[0]
+    q1, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    spectrum = torch.tensor([2.0, 1.998, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(q1[:, :6] @ torch.diag(spectrum) @ q2.T)  # a weight change (version bump)
+    block.eval().inverse(torch.randn(4, 6, dtype=torch.float64))
+    estimate = float(layer.sigma_estimate().detach())
+    assert abs(estimate - 2.0) <= 1e-13
+    assert abs(float(layer.u @ q1[:, 0])) == pytest.approx(1.0, abs=1e-12)
+    # already within the tolerance: the next weight change leaves a good estimate as it is
+    u = layer.u.clone()
+    with torch.no_grad():
+        layer.weight.mul_(1.0 + 1e-9)
+    block(torch.randn(4, 6, dtype=torch.float64))
+    assert torch.equal(layer.u, u)
+
+
 def test_buffers_in_state_dict_and_follow_to() -> None:
     layer = SpectralNormLinear(3, 2)
     assert {"u", "v"} <= set(layer.state_dict())

@@ -150,11 +150,16 @@ def test_bad_input_leaves_state_untouched() -> None:
 # -- failure modes -------------------------------------------------------------------------------------
 def _break_lipschitz(t) -> None:
     """Overwrite the weights and the power-iteration buffers: with u = 0 the estimate sigma = u^T W v is 0,
-    so the normalisation no longer binds and the (scaled-up) raw weights are used as they are."""
+    so the normalisation no longer binds and the (scaled-up) raw weights are used as they are.
+
+    The weights are written through ``.data`` after a call in ``eval()``: no optimiser step and no version
+    change, so the layers see no new weight to settle (which would set u, v to the exact singular vectors
+    and repair the constraint)."""
+    t(torch.zeros(1, 2))
     with torch.no_grad():
         for layer in t.modules():
             if isinstance(layer, SpectralNormLinear):
-                layer.weight.mul_(5.0)
+                layer.weight.data.mul_(5.0)
                 layer.u.zero_()
 
 
