@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import LipschitzWarning, NonFiniteError, check_choice, check_positive_int, check_unit_interval
 from .logdet import _upcast_half
@@ -45,12 +46,15 @@ from .logdet import _upcast_half
 _MAX_INIT_ITERATIONS = 10_000
 
 # Optimisers that write parameters through ``.data`` (Pyro's ClippedAdam, for one) do not advance
-# the parameters' version counters, so every optimiser step in the process is counted as well.
-_optimizer_steps = [0]
+# the parameters' version counters, so the optimiser steps each tensor took part in are counted as
+# well (the tensors of the optimiser's parameter groups; a frozen flow outside it is not touched).
+_optimizer_steps = WeakIdKeyDictionary()  # tensor -> steps
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    _optimizer_steps[0] += 1
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            _optimizer_steps[param] = _optimizer_steps.get(param, 0) + 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
@@ -58,22 +62,22 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 
 def _tensor_state(tensor: Tensor) -> tuple[int, int, int]:
     """A key that changes whenever ``tensor`` may have changed: its storage, its version counter
-    (in-place updates, ``load_state_dict``) and the number of optimiser steps taken so far (updates
-    through ``.data``, which the version counter does not see)."""
-    return tensor.data_ptr(), tensor._version, _optimizer_steps[0]
+    (in-place updates, ``load_state_dict``) and the number of optimiser steps it took part in
+    (updates through ``.data``, which the version counter does not see)."""
+    return tensor.data_ptr(), tensor._version, _optimizer_steps.get(tensor, 0)
 
 
 def _normalize_(x: Tensor) -> Tensor:
     """``x / ||x||`` in place (``x`` is a fresh vector at every call site)."""
-    return x.div_(x.norm().clamp_min_(torch.finfo(x.dtype).tiny))
+    return x.div_(torch.linalg.vector_norm(x).clamp_min_(torch.finfo(x.dtype).tiny))
 
 
-def _normalized_or_kept(x: Tensor, previous: Tensor) -> Tensor:
-    """``x / ||x||`` (in place), or ``previous`` if ``x`` holds NaN/Inf, decided on the device
-    without a host sync: a power step with a non-finite weight leaves the power iteration as it
-    was, so repairing the weight repairs the layer."""
-    norm = x.norm()
-    return torch.where(torch.isfinite(norm), x.div_(norm.clamp_min(torch.finfo(x.dtype).tiny)), previous)
+def _store_normalized(buffer: Tensor, x: Tensor) -> None:
+    """``buffer <- x / ||x||`` (``x`` is overwritten), or ``buffer`` kept if ``x`` holds NaN/Inf,
+    decided on the device without a host sync: a power step with a non-finite weight leaves the
+    power iteration as it was, so repairing the weight repairs the layer."""
+    norm = torch.linalg.vector_norm(x)  # NaN or Inf exactly where x is not finite; never below 0
+    torch.where(norm < math.inf, x.div_(norm.clamp_min(torch.finfo(x.dtype).tiny)), buffer, out=buffer)
 
 
 class _SpectralNorm(nn.Module):
@@ -136,11 +140,11 @@ class _SpectralNorm(nn.Module):
                 return
             self._power_step()
 
-    @torch.no_grad()
     def _power_step(self) -> None:
+        r"""$v \leftarrow W^\top u / \|W^\top u\|$, $u \leftarrow W v / \|W v\|$ (call under ``no_grad``)."""
         w = self.weight.detach()
-        self.v.copy_(_normalized_or_kept(self._apply_adjoint(w, self.u), self.v))
-        self.u.copy_(_normalized_or_kept(self._apply_op(w, self.v), self.u))
+        _store_normalized(self.v, self._apply_adjoint(w, self.u))
+        _store_normalized(self.u, self._apply_op(w, self.v))
 
     def _settle_rtol(self) -> float:
         return max(1e-6, 100 * torch.finfo(self.weight.dtype).eps)

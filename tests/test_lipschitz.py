@@ -206,6 +206,30 @@ def test_power_iteration_follows_an_optimizer_that_writes_through_data() -> None
     assert layer.lipschitz_constant() < 1.0
 
 
+def test_optimizer_steps_of_other_parameters_leave_a_frozen_flow_alone() -> None:
+    """Only the tensors an optimiser steps count as changed: a frozen block next to a trained one
+    runs no power step in its training-mode calls (it used to after every optimiser step anywhere in
+    the process), while the trained one runs one per step."""
+    torch.manual_seed(0)
+    trained, frozen = ResidualBlock(LipschitzMLP([2, 8, 2])), ResidualBlock(LipschitzMLP([2, 8, 2]))
+    frozen.requires_grad_(False)
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+    x = torch.randn(16, 2)
+    frozen.logdet(x)  # its first training-mode call: the one power step for its current weights
+    with torch.no_grad():
+        for layer in frozen.net.layers[0::2]:  # unconverged vectors: a power step would move them
+            layer.u.copy_(torch.nn.functional.normalize(torch.randn_like(layer.u), dim=0))
+    buffers = [b.clone() for b in frozen.buffers()]
+    for _ in range(3):
+        u = trained.net.layers[0].u.clone()
+        optimizer.zero_grad()
+        (trained.logdet(x).sum() + frozen.logdet(x).sum()).backward()
+        optimizer.step()
+        trained.logdet(x)
+        assert not torch.equal(trained.net.layers[0].u, u)
+    assert all(torch.equal(b, c) for b, c in zip(frozen.buffers(), buffers))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_eval_mode_and_certificate_in_half_precision(dtype: torch.dtype) -> None:
     """Half-precision weights and inputs: the exact norm (eval()'s settle, lipschitz_bound) and the
