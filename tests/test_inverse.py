@@ -98,6 +98,27 @@ def test_stalled_forward_and_adjoint_solves_finish_with_anderson() -> None:
     assert torch.allclose(y.grad, torch.linalg.solve(eye_plus_w.T, upstream.T).T, atol=1e-10)
 
 
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_anderson_memory_grows_with_the_dimension(method: str) -> None:
+    """g(x) = 0.995 Q x with Q orthogonal in 8 dimensions: every eigenvalue has modulus 0.995, so the
+    plain iteration needs about 5,500 steps for 1e-12 and Anderson with 5 iterates (its old fixed
+    memory) stalls for over 2,000; with D + 2 = 10 it finishes in a few dozen, also as the fixed
+    point's fallback."""
+    net = make_active_mlp([8, 8], 0.995, torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    with torch.no_grad():
+        layer = net.layers[0]
+        layer.weight.copy_(0.995 * q)
+        layer.bias.zero_()
+        layer._converge_power_iteration(rtol=1e-9)
+    block = ResidualBlock(net, max_iter=400, inverse_method=method).eval()
+    y = torch.randn(16, 8, dtype=torch.float64)
+    x = block.inverse(y)  # warnings are errors: the solve must converge
+    assert block.last_diagnostics.inverse.iterations < 200
+    eye_plus_w = torch.eye(8, dtype=torch.float64) + layer.normalized_weight().detach()
+    torch.testing.assert_close(x, torch.linalg.solve(eye_plus_w, y.T).T, rtol=0, atol=1e-10)
+
+
 def test_diverged_sample_beside_stalled_ones_is_reported() -> None:
     """A NaN sample leaves the batch; the stalled ones finish with Anderson; the solve still
     reports non-convergence because of the NaN one (and not before the others finished)."""
