@@ -251,6 +251,11 @@ class ResidualBlock(nn.Module):
         self.last_diagnostics = Diagnostics()
         self.name = f"#{next(_CREATION_ORDER)}"  # see name_blocks
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_net_takes_context" not in self.__dict__:  # pickled by a version without the check
+            self._net_takes_context = self.context_dim is not None or _accepts_second_argument(self.net)
+
     @property
     def residual_net(self) -> nn.Module:
         """The residual function $g$ (what :func:`~pyro_iresnet.lipschitz_bound` certifies)."""

@@ -104,6 +104,29 @@ def test_context_broadcasts_and_round_trips() -> None:
         block.forward_and_logdet(x)
 
 
+def test_block_pickled_before_the_context_check_takes_a_context() -> None:
+    """A block pickled by an older version has no ``_net_takes_context`` in its state; unpickled, it
+    must still take a context (it used to fail with an AttributeError on the first such call)."""
+    import pickle
+
+    block = ResidualBlock(ConcatContextNet(make_active_mlp([5, 16, 3], 0.9), context_dim=2), logdet="exact")
+    state = block.__getstate__()
+    del state["_net_takes_context"]
+    old = ResidualBlock.__new__(ResidualBlock)
+    old.__setstate__(state)
+    x, context = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    restored = pickle.loads(pickle.dumps(old))
+    for unpickled in (old, restored):
+        torch.testing.assert_close(unpickled(x, context), block(x, context), rtol=0, atol=0)
+    plain = ResidualBlock(make_active_mlp([3, 8, 3], 0.9))
+    state = plain.__getstate__()
+    del state["_net_takes_context"]
+    old_plain = ResidualBlock.__new__(ResidualBlock)
+    old_plain.__setstate__(state)
+    with pytest.raises(ValueError, match="got a context, but its net"):
+        old_plain(x, context)
+
+
 @pytest.mark.parametrize(
     "make_input, error, match",
     [
