@@ -376,9 +376,10 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
     """``load_state_dict`` pre-hook of :class:`Residual`: a ``normflows.flows.Residual`` entry
     ``iresblock.nnet.*`` is renamed to ``block.net.*`` and its normflows-only entries are dropped
     (``state_dict`` is ``load_state_dict``'s own copy, edited in place). The power-iteration
-    vectors ``u``, ``v`` of a normflows ``InducedNormConv2d`` take the checkpoint's shapes: the
-    layer resizes them to its input size on its first forward, which a freshly built layer has not
-    seen; and the next call reads the input size again, which the checkpoint may predate."""
+    vectors ``u``, ``v`` of a normflows ``InducedNormConv2d`` are replaced by tensors of the
+    checkpoint's shapes: the layer resizes them to its input size on its first forward, which a
+    freshly built layer has not seen; and the next call reads the input size again, which the
+    checkpoint may predate."""
     old, new = prefix + "iresblock.nnet.", prefix + "block.net."
     for key in [k for k in state_dict if k.startswith(old)]:
         state_dict[new + key[len(old):]] = state_dict.pop(key)
@@ -389,8 +390,11 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
             module._convs_initialized = False  # the checkpoint may predate the input size: re-read it
             for buffer in ("u", "v"):
                 saved = state_dict.get(f"{new}{name}.{buffer}" if name else f"{new}{buffer}")
-                if isinstance(saved, Tensor) and saved.shape != getattr(layer, buffer).shape:
-                    getattr(layer, buffer).resize_(saved.shape)
+                current = getattr(layer, buffer)
+                if isinstance(saved, Tensor) and saved.shape != current.shape:
+                    # a new tensor, not resize_: the buffer may not be resizable (loaded with assign=True
+                    # from a checkpoint opened with torch.load(mmap=True))
+                    setattr(layer, buffer, current.new_empty(saved.shape))
 
 
 # -- lipschitz_bound rules for normflows' nets ------------------------------------------------

@@ -641,6 +641,28 @@ def test_cnn_checkpoint_saved_before_any_forward_loads_into_a_used_layer() -> No
         torch.testing.assert_close(used.inverse(x), fresh.inverse(x), rtol=0, atol=0)
 
 
+def test_cnn_checkpoint_loads_over_buffers_mapped_from_a_file(tmp_path) -> None:
+    """Buffers assigned from a memory-mapped checkpoint (``torch.load(mmap=True)``,
+    ``load_state_dict(assign=True)``) cannot be resized; a later checkpoint with other vector
+    shapes must still load (it used to fail: "Trying to resize storage that is not resizable")."""
+    def make() -> nf.nets.LipschitzCNN:
+        torch.manual_seed(1)
+        return nf.nets.LipschitzCNN([2, 8, 8, 2], [3, 1, 3], lipschitz_const=0.9)
+
+    x = torch.randn(3, 2, 5, 5)
+    before, after = tmp_path / "before_forward.pt", tmp_path / "after_forward.pt"
+    torch.save(Residual(make()).state_dict(), before)  # 1-D vectors of the layer's channel sizes
+    trained = Residual(make())
+    trained(x)  # vectors of the 5 x 5 input's size
+    torch.save(trained.state_dict(), after)
+    layer = Residual(make())
+    layer.load_state_dict(torch.load(before, mmap=True), assign=True)
+    layer.load_state_dict(torch.load(after, mmap=True))
+    trained.eval(), layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.inverse(x), trained.inverse(x), rtol=0, atol=1e-6)
+
+
 def test_checkpoint_of_a_bare_induced_norm_conv_net() -> None:
     """A net that is itself an InducedNormConv2d (its module name is empty) loads into a fresh layer."""
     from normflows.nets.lipschitz import InducedNormConv2d
