@@ -172,50 +172,58 @@ def _finish_with_anderson(
 def _anderson(
     g: RowNet, y: Tensor, tol: Tensor, max_iter: int, x0: Tensor | None = None
 ) -> tuple[Tensor, SolveInfo]:
-    r"""Anderson acceleration of $G(x) = y - g(x)$ (type II, undamped), from ``x0`` (default $y$).
+    r"""Anderson acceleration of $G(x) = y - g(x)$ (type II, undamped), from ``x0`` (default $y$),
+    with per-sample early exit.
 
     The memory is $D + 2$ iterates for samples of size $D$, within $[5, 32]$: on a linear map
     Anderson acts like restarted GMRES, which can stall with fewer than $D$ iterates (e.g. for
     $g(x) = 0.995\,Qx$, $Q$ orthogonal, in 8 dimensions, memory 5 does not reach 1e-12 in 2,000
-    iterations and memory 10 does in about 20)."""
+    iterations and memory 10 does in about 20). Finished samples (residual within ``tol``, or
+    NaN/Inf, which counts as not converged) leave the batch with their histories once they are an
+    eighth of it, as in the plain iteration; each returns the iterate whose residual was checked."""
     n = y.shape[0]
     if n == 0:
         return y.clone(), SolveInfo(0, y.new_zeros(0), True)
     flat_y = y.reshape(n, -1)
     m = min(max(_ANDERSON_MEMORY[0], flat_y.shape[1] + 2), _ANDERSON_MEMORY[1])
-    xs = flat_y.new_zeros(n, m, flat_y.shape[1])
+    finfo = torch.finfo(y.dtype)
+    x_out = (flat_y if x0 is None else x0.reshape(n, -1)).clone()
+    residual = torch.full_like(tol, float("inf"))
+    active = torch.arange(n, device=y.device)
+    x, y_active, tol_active = x_out, flat_y, tol
+    xs = flat_y.new_zeros(n, m, flat_y.shape[1])  # the last m iterates and their images, per sample
     gs = torch.zeros_like(xs)
-
-    def fixed_point_map(x_flat: Tensor) -> Tensor:
-        return flat_y - g(x_flat.view_as(y), rows).reshape(n, -1)
-
-    rows = torch.arange(n, device=y.device)
-    x = (flat_y if x0 is None else x0.reshape(n, -1)).clone()
+    eye = torch.eye(m, dtype=y.dtype, device=y.device)
     for iteration in range(1, max_iter + 1):
-        gx = fixed_point_map(x)
-        residual = (gx - x).abs().amax(1)
-        if bool((residual <= tol).all()):
-            return x.view_as(y), SolveInfo(iteration, residual, True)
+        gx = y_active - g(x.view(-1, *y.shape[1:]), active).reshape(x.shape)
+        step_residual = (gx - x).abs().amax(1)
+        done = (step_residual <= tol_active) | ~torch.isfinite(step_residual)
+        n_done = int(done.sum())
+        if n_done == done.shape[0]:
+            x_out[active], residual[active] = x, step_residual
+            return x_out.view_as(y), SolveInfo(iteration, residual, bool((residual <= tol).all()))
+        if n_done and n_done * _COMPACT_FRACTION >= done.shape[0]:
+            finished, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
+            rows = active.index_select(0, finished)
+            x_out[rows], residual[rows] = x.index_select(0, finished), step_residual.index_select(0, finished)
+            active, x, gx, y_active, tol_active, xs, gs = (
+                t.index_select(0, keep) for t in (active, x, gx, y_active, tol_active, xs, gs))
         slot = (iteration - 1) % m
         xs[:, slot], gs[:, slot] = x, gx
         k = min(iteration, m)
-        f = (gs[:, :k] - xs[:, :k])  # residual history (n, k, D)
+        f = gs[:, :k] - xs[:, :k]  # residual history (n, k, D)
         gram = f @ f.transpose(1, 2)
-        finfo = torch.finfo(y.dtype)
         scale = gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(finfo.tiny)
-        ridge = max(_ANDERSON_RIDGE, 100 * finfo.eps) * scale
-        gram = gram + ridge[:, None, None] * torch.eye(k, dtype=y.dtype, device=y.device)
-        ones = torch.ones(n, k, 1, dtype=y.dtype, device=y.device)
+        gram = gram + (max(_ANDERSON_RIDGE, 100 * finfo.eps) * scale)[:, None, None] * eye[:k, :k]
+        ones = gram.new_ones(gram.shape[0], k, 1)
         alpha, status = torch.linalg.solve_ex(_upcast_half(gram), _upcast_half(ones))
         alpha = (alpha / alpha.sum(1, keepdim=True)).to(y.dtype)
         # Where the least-squares system is singular or ill-posed, take the plain fixed-point step.
-        plain = torch.zeros_like(alpha)
-        plain[:, slot] = 1.0
         usable = (status == 0) & torch.isfinite(alpha).all(1).squeeze(-1)
-        alpha = torch.where(usable[:, None, None], alpha, plain)
-        x = (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1)
-    gx = fixed_point_map(x)
-    return x.view_as(y), SolveInfo(max_iter, (gx - x).abs().amax(1), False)
+        x = torch.where(usable[:, None], (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1), gx)
+    gx = y_active - g(x.view(-1, *y.shape[1:]), active).reshape(x.shape)
+    x_out[active], residual[active] = x, (gx - x).abs().amax(1)
+    return x_out.view_as(y), SolveInfo(max_iter, residual, False)
 
 
 def _report(info: SolveInfo, what: str, strict: bool, lipschitz: float | None) -> None:

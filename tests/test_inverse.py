@@ -131,6 +131,25 @@ def test_diverged_sample_beside_stalled_ones_is_reported() -> None:
     assert torch.isnan(residual[3]) and bool((residual[torch.arange(16) != 3] <= 1e-11).all())
 
 
+def test_anderson_lets_finished_and_diverged_samples_go() -> None:
+    """Per-sample early exit in Anderson: a NaN sample leaves the batch at once (reported as
+    diverged) instead of iterating to max_iter, and the other samples keep their own histories."""
+    y = torch.randn(16, 2, dtype=torch.float64) * 2
+    y[3] = float("nan")
+    rotation = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return 0.9 * torch.tanh(x @ rotation)
+
+    with pytest.warns(ConvergenceWarning, match="diverged to NaN/Inf in 1 of 16"):
+        x, info = fixed_point_inverse(g, y, method="anderson", max_iter=500)
+    assert info.iterations < 100
+    finite = torch.arange(16) != 3
+    x_ref, info_ref = fixed_point_inverse(g, y[finite], method="anderson", max_iter=500)
+    assert info_ref.converged and bool((info.residual[finite] <= 1e-12 + 1e-13 * y[finite].abs().amax(1)).all())
+    torch.testing.assert_close(x[finite], x_ref, rtol=0, atol=1e-11)
+
+
 def test_adjoint_non_convergence_warns() -> None:
     # W has eigenvalues 0.5 and 0.995: y along the first converges in ~40 steps, the upstream
     # gradient along the second needs thousands, so only the adjoint solve runs out of max_iter
