@@ -253,7 +253,9 @@ class ResidualBlock(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if "_net_takes_context" not in self.__dict__:  # pickled by a version without the check
+        for name in ("event_shape", "context_dim"):  # pickled by a version without these
+            self.__dict__.setdefault(name, getattr(self.net, name, None))
+        if "_net_takes_context" not in self.__dict__:
             self._net_takes_context = self.context_dim is not None or _accepts_second_argument(self.net)
 
     @property

@@ -35,7 +35,8 @@ from .logdet import _upcast_half
 
 Net = Callable[[Tensor], Tensor]
 
-_ANDERSON_MEMORY = (5, 32)  # at least 5 and at most 32 iterates; within that, the dimension + 2
+_ANDERSON_MEMORY = 5  # iterates kept, or the dimension + 2 if larger and at most _ANDERSON_MAX_MEMORY
+_ANDERSON_MAX_MEMORY = 32
 _PROGRESS_WINDOW = 50  # plain iterations between progress checks
 _PROGRESS_FACTOR = 0.5  # the worst residual must at least halve per window, else Anderson takes over
 _COMPACT_FRACTION = 8  # finished samples leave the batch once they are 1/8 of it
@@ -175,22 +176,24 @@ def _anderson(
     r"""Anderson acceleration of $G(x) = y - g(x)$ (type II, undamped), from ``x0`` (default $y$),
     with per-sample early exit.
 
-    The memory is $D + 2$ iterates for samples of size $D$, within $[5, 32]$: on a linear map
+    The memory is $D + 2$ iterates for samples of size $D \le 30$ (at least 5): on a linear map
     Anderson acts like restarted GMRES, which can stall with fewer than $D$ iterates (e.g. for
     $g(x) = 0.995\,Qx$, $Q$ orthogonal, in 8 dimensions, memory 5 does not reach 1e-12 in 2,000
-    iterations and memory 10 does in about 20). Finished samples (residual within ``tol``, or
+    iterations and memory 10 does in about 20). Larger samples (images) keep 5, since the
+    histories take memory $\times$ batch $\times$ $D$. Finished samples (residual within ``tol``, or
     NaN/Inf, which counts as not converged) leave the batch with their histories once they are an
     eighth of it, as in the plain iteration; each returns the iterate whose residual was checked."""
     n = y.shape[0]
     if n == 0:
         return y.clone(), SolveInfo(0, y.new_zeros(0), True)
     flat_y = y.reshape(n, -1)
-    m = min(max(_ANDERSON_MEMORY[0], flat_y.shape[1] + 2), _ANDERSON_MEMORY[1])
+    size = flat_y.shape[1]
+    m = size + 2 if _ANDERSON_MEMORY < size + 2 <= _ANDERSON_MAX_MEMORY else _ANDERSON_MEMORY
     finfo = torch.finfo(y.dtype)
-    x_out = (flat_y if x0 is None else x0.reshape(n, -1)).clone()
-    residual = torch.full_like(tol, float("inf"))
+    x = flat_y if x0 is None else x0.reshape(n, -1)  # never written in place
+    x_out, residual = x.clone(), torch.full_like(tol, float("inf"))
     active = torch.arange(n, device=y.device)
-    x, y_active, tol_active = x_out, flat_y, tol
+    y_active, tol_active = flat_y, tol
     xs = flat_y.new_zeros(n, m, flat_y.shape[1])  # the last m iterates and their images, per sample
     gs = torch.zeros_like(xs)
     eye = torch.eye(m, dtype=y.dtype, device=y.device)

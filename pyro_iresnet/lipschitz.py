@@ -29,6 +29,7 @@ __all__ = [
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -38,7 +39,6 @@ from torch import Tensor, nn
 from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import LipschitzWarning, NonFiniteError, check_choice, check_positive_int, check_unit_interval
 from .logdet import _upcast_half
@@ -48,13 +48,20 @@ _MAX_INIT_ITERATIONS = 10_000
 # Optimisers that write parameters through ``.data`` (Pyro's ClippedAdam, for one) do not advance
 # the parameters' version counters, so the optimiser steps each tensor took part in are counted as
 # well (the tensors of the optimiser's parameter groups; a frozen flow outside it is not touched).
-_optimizer_steps = WeakIdKeyDictionary()  # tensor -> steps
+# Keyed by id: an entry is dropped when its tensor is freed, before the id can be reused.
+_optimizer_steps: dict[int, int] = {}
 
 
 def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    steps = _optimizer_steps
     for group in optimizer.param_groups:
         for param in group["params"]:
-            _optimizer_steps[param] = _optimizer_steps.get(param, 0) + 1
+            key = id(param)
+            count = steps.get(key)
+            if count is None:
+                weakref.finalize(param, steps.pop, key, None)
+                count = 0
+            steps[key] = count + 1
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
@@ -64,7 +71,7 @@ def _tensor_state(tensor: Tensor) -> tuple[int, int, int]:
     """A key that changes whenever ``tensor`` may have changed: its storage, its version counter
     (in-place updates, ``load_state_dict``) and the number of optimiser steps it took part in
     (updates through ``.data``, which the version counter does not see)."""
-    return tensor.data_ptr(), tensor._version, _optimizer_steps.get(tensor, 0)
+    return tensor.data_ptr(), tensor._version, _optimizer_steps.get(id(tensor), 0)
 
 
 def _normalize_(x: Tensor) -> Tensor:
@@ -73,11 +80,12 @@ def _normalize_(x: Tensor) -> Tensor:
 
 
 def _store_normalized(buffer: Tensor, x: Tensor) -> None:
-    """``buffer <- x / ||x||`` (``x`` is overwritten), or ``buffer`` kept if ``x`` holds NaN/Inf,
-    decided on the device without a host sync: a power step with a non-finite weight leaves the
-    power iteration as it was, so repairing the weight repairs the layer."""
+    """``buffer <- x / ||x||`` (``x`` is overwritten), or ``buffer`` kept if ``x`` holds NaN/Inf or is
+    zero, decided on the device without a host sync: a power step with a non-finite or zero weight
+    leaves the power iteration as it was, so repairing the weight repairs the layer."""
     norm = torch.linalg.vector_norm(x)  # NaN or Inf exactly where x is not finite; never below 0
-    torch.where(norm < math.inf, x.div_(norm.clamp_min(torch.finfo(x.dtype).tiny)), buffer, out=buffer)
+    usable = (norm > 0) & (norm < math.inf)  # a zero vector (a zero weight) would stay zero for good
+    torch.where(usable, x.div_(norm.clamp_min(torch.finfo(x.dtype).tiny)), buffer, out=buffer)
 
 
 class _SpectralNorm(nn.Module):

@@ -352,6 +352,10 @@ class Residual(Flow):
         if not self._convs_initialized:  # their convs learn the input size on the first forward
             self.block._check_tensor(z, "z")  # dtype errors name z, not normflows' conv
             with torch.no_grad():
+                for layer in self.block.induced_norm_layers:  # which resize_s u and v: give them storage
+                    for buffer in (layer.u, layer.v):  # that can be (not mapped from a checkpoint file)
+                        if not buffer.untyped_storage().resizable():
+                            buffer.set_(buffer.clone())
                 self.block.net(z[:1])
             self._convs_initialized = True
         self.block.input_sizes = _input_sizes(self.block.induced_norm_layers)
@@ -376,8 +380,8 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
     """``load_state_dict`` pre-hook of :class:`Residual`: a ``normflows.flows.Residual`` entry
     ``iresblock.nnet.*`` is renamed to ``block.net.*`` and its normflows-only entries are dropped
     (``state_dict`` is ``load_state_dict``'s own copy, edited in place). The power-iteration
-    vectors ``u``, ``v`` of a normflows ``InducedNormConv2d`` are replaced by tensors of the
-    checkpoint's shapes: the layer resizes them to its input size on its first forward, which a
+    vectors ``u``, ``v`` of a normflows ``InducedNormConv2d`` get new storage of the checkpoint's
+    shapes: the layer resizes them to its input size on its first forward, which a
     freshly built layer has not seen; and the next call reads the input size again, which the
     checkpoint may predate."""
     old, new = prefix + "iresblock.nnet.", prefix + "block.net."
@@ -392,9 +396,10 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
                 saved = state_dict.get(f"{new}{name}.{buffer}" if name else f"{new}{buffer}")
                 current = getattr(layer, buffer)
                 if isinstance(saved, Tensor) and saved.shape != current.shape:
-                    # a new tensor, not resize_: the buffer may not be resizable (loaded with assign=True
-                    # from a checkpoint opened with torch.load(mmap=True))
-                    setattr(layer, buffer, current.new_empty(saved.shape))
+                    # new storage for the same tensor object (which DDP may hold), not resize_: the
+                    # buffer may not be resizable (assigned from a torch.load(mmap=True) checkpoint)
+                    with torch.no_grad():
+                        current.set_(current.new_empty(saved.shape))
 
 
 # -- lipschitz_bound rules for normflows' nets ------------------------------------------------

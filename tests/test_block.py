@@ -105,22 +105,24 @@ def test_context_broadcasts_and_round_trips() -> None:
 
 
 def test_block_pickled_before_the_context_check_takes_a_context() -> None:
-    """A block pickled by an older version has no ``_net_takes_context`` in its state; unpickled, it
-    must still take a context (it used to fail with an AttributeError on the first such call)."""
+    """A block pickled by an older version has no ``_net_takes_context`` (or, older still, no
+    ``context_dim`` / ``event_shape``) in its state; unpickling (``__new__`` then ``__setstate__``)
+    must fill them in, so the block takes a context (it used to fail with an AttributeError on the
+    first such call) or refuses one with the usual message."""
     import pickle
 
-    block = ResidualBlock(ConcatContextNet(make_active_mlp([5, 16, 3], 0.9), context_dim=2), logdet="exact")
+    block = ResidualBlock(ConcatContextNet(make_active_mlp([5, 16, 3], 0.9), context_dim=2), logdet="exact").eval()
     state = block.__getstate__()
     del state["_net_takes_context"]
     old = ResidualBlock.__new__(ResidualBlock)
     old.__setstate__(state)
     x, context = torch.randn(4, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
-    restored = pickle.loads(pickle.dumps(old))
-    for unpickled in (old, restored):
-        torch.testing.assert_close(unpickled(x, context), block(x, context), rtol=0, atol=0)
+    torch.testing.assert_close(old(x, context), block(x, context), rtol=0, atol=0)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(old))(x, context), block(x, context), rtol=0, atol=0)
     plain = ResidualBlock(make_active_mlp([3, 8, 3], 0.9))
     state = plain.__getstate__()
-    del state["_net_takes_context"]
+    for name in ("_net_takes_context", "context_dim", "event_shape"):  # older still: none of the three
+        del state[name]
     old_plain = ResidualBlock.__new__(ResidualBlock)
     old_plain.__setstate__(state)
     with pytest.raises(ValueError, match="got a context, but its net"):

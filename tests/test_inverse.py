@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from pyro_iresnet import ConvergenceError, ConvergenceWarning, ResidualBlock, iresnet, lipschitz_bound
+from pyro_iresnet import ConvergenceError, ConvergenceWarning, LipschitzMLP, ResidualBlock, iresnet, lipschitz_bound
 from pyro_iresnet.inverse import fixed_point_inverse
 from tests.conftest import make_active_mlp
 
@@ -132,8 +132,9 @@ def test_diverged_sample_beside_stalled_ones_is_reported() -> None:
 
 
 def test_anderson_lets_finished_and_diverged_samples_go() -> None:
-    """Per-sample early exit in Anderson: a NaN sample leaves the batch at once (reported as
-    diverged) instead of iterating to max_iter, and the other samples keep their own histories."""
+    """Per-sample early exit in Anderson: a NaN sample counts as finished (reported as diverged) and
+    leaves the batch with the first eighth of finished samples, instead of iterating to max_iter;
+    the other samples keep their own histories."""
     y = torch.randn(16, 2, dtype=torch.float64) * 2
     y[3] = float("nan")
     rotation = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
@@ -148,6 +149,27 @@ def test_anderson_lets_finished_and_diverged_samples_go() -> None:
     x_ref, info_ref = fixed_point_inverse(g, y[finite], method="anderson", max_iter=500)
     assert info_ref.converged and bool((info.residual[finite] <= 1e-12 + 1e-13 * y[finite].abs().amax(1)).all())
     torch.testing.assert_close(x[finite], x_ref, rtol=0, atol=1e-11)
+
+
+def test_anderson_when_every_sample_is_done_at_its_first_iteration() -> None:
+    """Every sample within the tolerance at the first check (a block at its fixed point, an all-NaN
+    batch, and a fixed point handing Anderson iterates that already meet the tolerance) returns
+    those points; the output is not the iterate's own storage (regression: a RuntimeError)."""
+    net = LipschitzMLP([2, 8, 2], coeff=0.9).double()
+    with torch.no_grad():
+        net.layers[-1].weight.zero_(), net.layers[-1].bias.zero_()  # g = 0: y is its own inverse
+    y = torch.randn(4, 2, dtype=torch.float64)
+    block = ResidualBlock(net, inverse_method="anderson").eval()
+    assert torch.equal(block.inverse(y), y) and block.last_diagnostics.inverse.iterations == 1
+    with pytest.warns(ConvergenceWarning, match="diverged to NaN/Inf in 3 of 3 samples after 1 iterations"):
+        x, info = fixed_point_inverse(lambda x: 0.5 * torch.tanh(x), torch.full((3, 2), float("nan")),
+                                      method="anderson")
+    assert torch.isnan(x).all() and not info.converged
+    # g(x) = 0.995 x: the plain iteration stalls (its residual shrinks by 0.995 per step), and the
+    # iterate it hands to Anderson after 100 steps already meets the tolerance
+    y = torch.tensor([[1e-12 / 0.995 ** 100.5]], dtype=torch.float64)
+    x, info = fixed_point_inverse(lambda x: 0.995 * x, y)
+    assert info.converged and abs(float(x[0, 0]) - float(y[0, 0]) / 1.995) <= 1e-12
 
 
 def test_adjoint_non_convergence_warns() -> None:

@@ -206,6 +206,24 @@ def test_power_iteration_follows_an_optimizer_that_writes_through_data() -> None
     assert layer.lipschitz_constant() < 1.0
 
 
+def test_zero_weight_keeps_the_power_iteration_vectors() -> None:
+    """A power step on a zero weight (an identity-initialised last layer) leaves u, v as they were:
+    normalising the zero vector used to set them to 0 for good, so sigma~ stayed 0 and the weight
+    went unnormalised once training made it nonzero (Lipschitz constant 3 for coeff 0.5 here)."""
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(4, 4, coeff=0.5)
+    x = torch.randn(8, 4)
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer(x)  # training mode: a power step on the zero weight
+    assert float(torch.linalg.vector_norm(layer.u)) == pytest.approx(1.0)
+    with torch.no_grad():
+        layer.weight.copy_(3 * torch.eye(4))
+    for _ in range(3):
+        layer(x)
+    assert layer.lipschitz_constant() <= 0.5 * (1 + 1e-6)
+
+
 def test_optimizer_steps_of_other_parameters_leave_a_frozen_flow_alone() -> None:
     """Only the tensors an optimiser steps count as changed: a frozen block next to a trained one
     runs no power step in its training-mode calls (it used to after every optimiser step anywhere in

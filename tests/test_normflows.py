@@ -644,7 +644,8 @@ def test_cnn_checkpoint_saved_before_any_forward_loads_into_a_used_layer() -> No
 def test_cnn_checkpoint_loads_over_buffers_mapped_from_a_file(tmp_path) -> None:
     """Buffers assigned from a memory-mapped checkpoint (``torch.load(mmap=True)``,
     ``load_state_dict(assign=True)``) cannot be resized; a later checkpoint with other vector
-    shapes must still load (it used to fail: "Trying to resize storage that is not resizable")."""
+    shapes must still load into the same buffer objects, and a layer loaded so before its first
+    forward must run it (both used to fail: "Trying to resize storage that is not resizable")."""
     def make() -> nf.nets.LipschitzCNN:
         torch.manual_seed(1)
         return nf.nets.LipschitzCNN([2, 8, 8, 2], [3, 1, 3], lipschitz_const=0.9)
@@ -657,10 +658,17 @@ def test_cnn_checkpoint_loads_over_buffers_mapped_from_a_file(tmp_path) -> None:
     torch.save(trained.state_dict(), after)
     layer = Residual(make())
     layer.load_state_dict(torch.load(before, mmap=True), assign=True)
+    buffers = list(layer.buffers())
     layer.load_state_dict(torch.load(after, mmap=True))
+    assert all(a is b for a, b in zip(layer.buffers(), buffers))  # the same objects (DDP holds them)
     trained.eval(), layer.eval()
     with torch.no_grad():
         torch.testing.assert_close(layer.inverse(x), trained.inverse(x), rtol=0, atol=1e-6)
+    # loaded before any forward, then run: normflows' first forward resizes the mapped vectors
+    fresh = Residual(make())
+    fresh.load_state_dict(torch.load(before, mmap=True), assign=True)
+    fresh(x)
+    assert fresh.block.input_sizes == trained.block.input_sizes
 
 
 def test_checkpoint_of_a_bare_induced_norm_conv_net() -> None:
