@@ -83,9 +83,10 @@ def _store_normalized(buffer: Tensor, x: Tensor) -> None:
     """``buffer <- x / ||x||`` (``x`` is overwritten), or ``buffer`` kept if ``x`` holds NaN/Inf or is
     zero, decided on the device without a host sync: a power step with a non-finite or zero weight
     leaves the power iteration as it was, so repairing the weight repairs the layer."""
-    norm = torch.linalg.vector_norm(x)  # NaN or Inf exactly where x is not finite; never below 0
-    usable = (norm > 0) & (norm < math.inf)  # a zero vector (a zero weight) would stay zero for good
-    torch.where(usable, x.div_(norm.clamp_min(torch.finfo(x.dtype).tiny)), buffer, out=buffer)
+    norm = torch.linalg.vector_norm(x)
+    # norm / norm is exactly 1 unless the norm is 0 (a zero weight: x would stay zero for good), Inf
+    # or NaN; x / norm is then not used
+    torch.where(norm / norm == 1, x.div_(norm), buffer, out=buffer)
 
 
 class _SpectralNorm(nn.Module):
