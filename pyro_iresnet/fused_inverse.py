@@ -39,7 +39,7 @@ from .fused import (
     _logabsdet,
     _scratch,
 )
-from .inverse import _COMPACT_FRACTION, SolveInfo, _max_abs, _residual_tolerance, default_tolerances
+from .inverse import _COMPACT_FRACTION, SolveInfo, _finished, _max_abs, _residual_tolerance, default_tolerances
 from .inverse import _report as report_nonconvergence
 
 
@@ -189,7 +189,7 @@ def _newton(
         gx, pre = net._forward(x, keep=True)
         f = gx.add_(x).sub_(y_act)  # F(x); the fixed-point step is x - F(x)
         res = _max_abs(f)
-        done = (res <= tol_act) | ~torch.isfinite(res)
+        done = _finished(res, tol_act)
         n_done = int(done.sum()) if iteration < max_iter else done.shape[0]
         if n_done and (n_done * _COMPACT_FRACTION >= done.shape[0] or iteration == max_iter):
             ended = done.nonzero().squeeze(1) if n_done < done.shape[0] else None

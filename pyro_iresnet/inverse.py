@@ -23,6 +23,7 @@ from __future__ import annotations
 
 __all__ = ["SolveInfo", "default_tolerances", "fixed_point_inverse"]
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -96,7 +97,14 @@ class SolveInfo:
 
 
 def _residual_tolerance(y: Tensor, atol: float, rtol: float) -> Tensor:
-    return atol + rtol * y.flatten(1).abs().amax(1)
+    """``atol + rtol * max|y|`` per sample; Inf for a NaN target (whose NaN residual ends it at once)."""
+    return (atol + rtol * y.flatten(1).abs().amax(1)).nan_to_num(nan=math.inf)
+
+
+def _finished(residual: Tensor, tol: Tensor) -> Tensor:
+    """Samples whose residual is within ``tol`` or NaN/Inf (a diverged iterate cannot recover);
+    ``tol`` from :func:`_residual_tolerance` (never NaN)."""
+    return residual.nan_to_num(nan=0.0, posinf=0.0) <= tol
 
 
 def _max_abs(x: Tensor) -> Tensor:
@@ -129,7 +137,7 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
     for iteration in range(1, max_iter + 1):
         x_next = y_active - g(x_active, active)
         step_residual = _max_abs(x_next - x_active)  # = residual of x_active, exactly
-        done = (step_residual <= tol_active) | ~torch.isfinite(step_residual)
+        done = _finished(step_residual, tol_active)
         n_done = int(done.sum())
         if n_done == done.shape[0]:
             x[active], residual[active] = x_active, step_residual
@@ -200,7 +208,7 @@ def _anderson(
     for iteration in range(1, max_iter + 1):
         gx = y_active - g(x.view(-1, *y.shape[1:]), active).reshape(x.shape)
         step_residual = (gx - x).abs().amax(1)
-        done = (step_residual <= tol_active) | ~torch.isfinite(step_residual)
+        done = _finished(step_residual, tol_active)
         n_done = int(done.sum())
         if n_done == done.shape[0]:
             x_out[active], residual[active] = x, step_residual
