@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .errors import (
     NonFiniteError,
+    all_finite,
     check_bool,
     check_choice,
     check_finite,
@@ -315,7 +316,7 @@ class ResidualBlock(nn.Module):
 
     def _check_logdet(self, logdet: Tensor) -> Tensor:
         """Raise :class:`~pyro_iresnet.NonFiniteError` naming this block if the log-det holds NaN/Inf."""
-        if self._checks_values(logdet) and not bool(torch.isfinite(logdet).all()):
+        if self._checks_values(logdet) and not all_finite(logdet):
             bad = int((~torch.isfinite(logdet)).sum())
             raise NonFiniteError(
                 f"log-det of residual block {self.name} is not finite in {bad} of {logdet.numel()} samples "

@@ -285,6 +285,12 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def all_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite (``x * 0`` is 0 exactly there; three operations where
+    ``torch.isfinite(x).all()`` takes six on CPU)."""
+    return bool((x * 0 == 0).all())
+
+
 def check_finite(name: str, x: Tensor) -> None:
     r"""Raise ``ValueError`` if ``x`` holds NaN or Inf (this reads the tensor: a host sync on GPUs).
 
@@ -302,7 +308,7 @@ def check_finite(name: str, x: Tensor) -> None:
             ...
         ValueError: x must be finite, got 1 NaN and 1 Inf entries
     """
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{name} must be finite, got {n_nan} NaN and {n_inf} Inf entries")
