@@ -202,12 +202,14 @@ def _anderson(
     x_out, residual = x.clone(), torch.full_like(tol, float("inf"))
     active = torch.arange(n, device=y.device)
     y_active, tol_active = flat_y, tol
-    xs = flat_y.new_zeros(n, m, flat_y.shape[1])  # the last m iterates and their images, per sample
-    gs = torch.zeros_like(xs)
-    eye = torch.eye(m, dtype=y.dtype, device=y.device)
+    fs = flat_y.new_zeros(n, m, size)  # the last m residuals G(x) - x and images G(x), per sample
+    gs = torch.zeros_like(fs)
+    ones = _upcast_half(flat_y.new_ones(n, m, 1))
+    ridge = max(_ANDERSON_RIDGE, 100 * finfo.eps)
     for iteration in range(1, max_iter + 1):
         gx = y_active - g(x.view(-1, *y.shape[1:]), active).reshape(x.shape)
-        step_residual = (gx - x).abs().amax(1)
+        f = gx - x
+        step_residual = f.abs().amax(1)
         done = _finished(step_residual, tol_active)
         n_done = int(done.sum())
         if n_done == done.shape[0]:
@@ -217,20 +219,19 @@ def _anderson(
             finished, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             rows = active.index_select(0, finished)
             x_out[rows], residual[rows] = x.index_select(0, finished), step_residual.index_select(0, finished)
-            active, x, gx, y_active, tol_active, xs, gs = (
-                t.index_select(0, keep) for t in (active, x, gx, y_active, tol_active, xs, gs))
+            active, x, gx, f, y_active, tol_active, fs, gs = (
+                t.index_select(0, keep) for t in (active, x, gx, f, y_active, tol_active, fs, gs))
         slot = (iteration - 1) % m
-        xs[:, slot], gs[:, slot] = x, gx
+        fs[:, slot], gs[:, slot] = f, gx
         k = min(iteration, m)
-        f = gs[:, :k] - xs[:, :k]  # residual history (n, k, D)
-        gram = f @ f.transpose(1, 2)
-        scale = gram.diagonal(dim1=1, dim2=2).amax(1).clamp_min(finfo.tiny)
-        gram = gram + (max(_ANDERSON_RIDGE, 100 * finfo.eps) * scale)[:, None, None] * eye[:k, :k]
-        ones = gram.new_ones(gram.shape[0], k, 1)
-        alpha, status = torch.linalg.solve_ex(_upcast_half(gram), _upcast_half(ones))
+        gram = fs[:, :k] @ fs[:, :k].transpose(1, 2)
+        diagonal = gram.diagonal(dim1=1, dim2=2)  # ridge relative to the largest squared residual
+        diagonal.add_(diagonal.amax(1, keepdim=True).clamp_min_(finfo.tiny).mul_(ridge))
+        alpha, status = torch.linalg.solve_ex(_upcast_half(gram), ones[: gram.shape[0], :k])
         alpha = (alpha / alpha.sum(1, keepdim=True)).to(y.dtype)
-        # Where the least-squares system is singular or ill-posed, take the plain fixed-point step.
-        usable = (status == 0) & torch.isfinite(alpha).all(1).squeeze(-1)
+        # Where the least-squares system is singular or ill-posed (status, or weights that are not
+        # finite: their sum, 1 otherwise, is not), take the plain fixed-point step.
+        usable = (status == 0) & (alpha.sum((1, 2)) * 0 == 0)
         x = torch.where(usable[:, None], (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1), gx)
     gx = y_active - g(x.view(-1, *y.shape[1:]), active).reshape(x.shape)
     x_out[active], residual[active] = x, (gx - x).abs().amax(1)
