@@ -358,6 +358,8 @@ class Residual(Flow):
                             buffer.set_(buffer.clone())
                 self.block.net(z[:1])
             self._convs_initialized = True
+        if not self.block.induced_norm_layers:  # the library's own nets: nothing of normflows' to keep
+            return
         self.block.input_sizes = _input_sizes(self.block.induced_norm_layers)
         if self.training:
             self._refresh_induced_norms()
