@@ -144,10 +144,21 @@ class _SpectralNorm(nn.Module):
                 self.v.copy_(top[1])
             return
         exact = self.exact_operator_norm()
+        if not (bool(self.u.any()) and bool(self.v.any())):  # zeroed by hand: power steps cannot leave 0
+            for buffer in (self.u, self.v):
+                buffer.fill_(1.0 / math.sqrt(buffer.numel()))
         for _ in range(_MAX_INIT_ITERATIONS):
             if self.sigma_estimate() >= (1.0 - rtol) * exact:
                 return
             self._power_step()
+        estimate = float(self.sigma_estimate())
+        warnings.warn(
+            f"power iteration of {type(self).__name__}({self.extra_repr()}) stopped at {estimate:.6g} after "
+            f"{_MAX_INIT_ITERATIONS} steps, short of the exact norm {exact:.6g}: the normalisation is weaker "
+            "than coeff asks; lipschitz_bound certifies what the layer applies",
+            LipschitzWarning,
+            stacklevel=2,
+        )
 
     def _power_step(self) -> None:
         r"""$v \leftarrow W^\top u / \|W^\top u\|$, $u \leftarrow W v / \|W v\|$ (call under ``no_grad``)."""

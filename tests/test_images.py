@@ -85,6 +85,31 @@ def test_conv_spectral_norm_bounds_the_operator_after_training_forwards() -> Non
     assert abs(kernel_norm - exact) > 1e-3  # the operator norm is not the reshaped kernel's
 
 
+def test_conv_power_iteration_restarts_from_buffers_zeroed_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """u = v = 0 (edited by hand) is a fixed point of the power step; eval()'s settle restarts from a
+    nonzero vector and reaches the exact operator norm (it used to run 10,000 steps and leave the
+    estimate at 0, i.e. the convolution unnormalised). A settle that runs out of steps warns."""
+    import pyro_iresnet.lipschitz as lipschitz_module
+    from pyro_iresnet import LipschitzWarning
+
+    block = conv_iresnet((2, 4, 4), hidden_channels=4, coeff=0.9).to(DTYPE)
+    layer = next(m for m in block.modules() if isinstance(m, SpectralNormConv2d))
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # a weight change: the next eval() call settles the layer
+        layer.u.zero_(), layer.v.zero_()
+    x = torch.randn(2, 2, 4, 4, dtype=DTYPE)
+    block.eval()(x)  # warnings are errors
+    assert float(layer.sigma_estimate().detach()) >= (1 - 1e-6) * layer.exact_operator_norm()
+    assert layer.lipschitz_constant() <= 0.9 * (1 + 1e-5)
+    monkeypatch.setattr(lipschitz_module, "_MAX_INIT_ITERATIONS", 1)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+        layer.u.zero_(), layer.v.zero_()
+    short = r"power iteration of SpectralNormConv2d\(.*\) stopped at .* after 1 steps"
+    with pytest.warns(LipschitzWarning, match=short):
+        block(x)
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_conv_operator_norm_matches_dense_jacobian(dense: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     if not dense:
