@@ -39,7 +39,7 @@ from .fused import (
     _logabsdet,
     _scratch,
 )
-from .inverse import _COMPACT_FRACTION, SolveInfo, _finished, _max_abs, _residual_tolerance, default_tolerances
+from .inverse import _COMPACT_FRACTION, SolveInfo, _finished, _max_abs, _residual_tolerance, _tolerances
 from .inverse import _report as report_nonconvergence
 
 
@@ -324,12 +324,8 @@ def newton_inverse(
         (True, True)
     """
     check_positive_int("max_iter", max_iter)
-    default_atol, default_rtol = default_tolerances(y.dtype)
     info = SolveInfo()
-    config = _InverseConfig(
-        mlp, default_atol if atol is None else atol, default_rtol if rtol is None else rtol,
-        max_iter, strict, lipschitz, info,
-    )
+    config = _InverseConfig(mlp, *_tolerances(y.dtype, atol, rtol), max_iter, strict, lipschitz, info)
     return _NewtonInverse.apply(config, y, *mlp.tensors()), info
 
 
@@ -390,8 +386,7 @@ def newton_inverse_and_logdet(
         True
     """
     check_positive_int("max_iter", max_iter)
-    default_atol, default_rtol = default_tolerances(y.dtype)
-    atol, rtol = default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+    atol, rtol = _tolerances(y.dtype, atol, rtol)
     with torch.no_grad():
         x, logdet, info = _newton(net, y, _residual_tolerance(y, atol, rtol), max_iter, with_logdet=True)
     if not info.converged:

@@ -96,6 +96,12 @@ class SolveInfo:
     converged: bool = True
 
 
+def _tolerances(dtype: torch.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
+    """``atol``, ``rtol``, each :func:`default_tolerances` of ``dtype`` where ``None``."""
+    default_atol, default_rtol = default_tolerances(dtype)
+    return default_atol if atol is None else atol, default_rtol if rtol is None else rtol
+
+
 def _residual_tolerance(y: Tensor, atol: float, rtol: float) -> Tensor:
     """``atol + rtol * max|y|`` per sample; Inf for a NaN target (whose NaN residual ends it at once)."""
     return (atol + rtol * y.flatten(1).abs().amax(1)).nan_to_num(nan=math.inf)
@@ -379,13 +385,8 @@ def fixed_point_inverse(
     """
     check_choice("inverse_method", method, ("fixed_point", "anderson"))
     check_positive_int("max_iter", max_iter)
-    default_atol, default_rtol = default_tolerances(y.dtype)
     info = SolveInfo()
-    config = _Config(
-        default_atol if atol is None else atol,
-        default_rtol if rtol is None else rtol,
-        max_iter, method, strict, lipschitz, info,
-    )
+    config = _Config(*_tolerances(y.dtype, atol, rtol), max_iter, method, strict, lipschitz, info)
     inputs = (y, *params) if context is None else (y, context, *params)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _ImplicitInverse.apply(config, g, y, context, *params), info
