@@ -35,6 +35,7 @@ from .errors import (
     check_positive_finite,
     check_positive_int,
     check_probability,
+    check_tolerance,
 )
 from .fused import FusedMLP, fused_logdet, fused_mlp, supports_fused
 from .fused_inverse import SolverNet, newton_inverse, newton_inverse_and_logdet, solver_net
@@ -216,10 +217,7 @@ class ResidualBlock(nn.Module):
         self.memory_efficient = check_bool("memory_efficient", memory_efficient)
         self.eval_logdet = check_choice("eval_logdet", eval_logdet, EVAL_LOGDET_METHODS)
         self.exact_max_dim = check_positive_int("exact_max_dim", exact_max_dim)
-        for name, tol in (("atol", atol), ("rtol", rtol)):
-            if tol is not None and not tol >= 0:
-                raise ValueError(f"{name} must be >= 0, got {tol}")
-        self.atol, self.rtol = atol, rtol
+        self.atol, self.rtol = check_tolerance("atol", atol), check_tolerance("rtol", rtol)
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.inverse_method = check_choice(
             "inverse_method", inverse_method, ("fixed_point", "anderson", "newton")

@@ -184,6 +184,34 @@ def check_positive_finite(name: str, value: float) -> float:
     return _check_real(name, value, lambda v: 0.0 < v < math.inf, "a finite float > 0", "a finite float > 0")
 
 
+def check_tolerance(name: str, value: float | None) -> float | None:
+    """Require ``None`` (the dtype's default) or a real number ``>= 0`` (``inf`` allowed, NaN not: a
+    NaN tolerance would make every comparison with it false).
+
+    Args:
+        name: Argument name used in the message (``atol``, ``rtol``).
+        value: The value to check.
+
+    Returns:
+        ``None``, or ``value`` as a Python float.
+
+    Raises:
+        TypeError: If ``value`` is neither ``None`` nor a real number.
+        ValueError: If ``value`` is NaN or negative.
+
+    Examples:
+        >>> check_tolerance("atol", None), check_tolerance("atol", 0)
+        (None, 0.0)
+        >>> check_tolerance("rtol", float("nan"))
+        Traceback (most recent call last):
+            ...
+        ValueError: rtol must be >= 0, got nan
+    """
+    if value is None:
+        return None
+    return _check_real(name, value, lambda v: v >= 0, "a float >= 0 or None", ">= 0")
+
+
 def _check_real(name: str, value: object, in_range: Callable[[Real], bool], kind: str, rule: str) -> float:
     """``value`` as a Python float: a ``TypeError`` ("``name`` must be ``kind``") unless it is a real
     number (numpy scalars included, ``bool`` refused), a ``ValueError`` ("``name`` must be ``rule``")

@@ -306,6 +306,7 @@ def newton_inverse(
         $x$ of shape ``(N, d)`` and a :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
+        ValueError: If ``atol``/``rtol`` is NaN or negative.
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -364,6 +365,7 @@ def newton_inverse_and_logdet(
         :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
+        ValueError: If ``atol``/``rtol`` is NaN or negative.
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:

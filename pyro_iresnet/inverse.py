@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ConvergenceError, ConvergenceWarning, check_choice, check_positive_int
+from .errors import ConvergenceError, ConvergenceWarning, check_choice, check_positive_int, check_tolerance
 from .logdet import _upcast_half
 
 Net = Callable[[Tensor], Tensor]
@@ -97,7 +97,9 @@ class SolveInfo:
 
 
 def _tolerances(dtype: torch.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
-    """``atol``, ``rtol``, each :func:`default_tolerances` of ``dtype`` where ``None``."""
+    """``atol``, ``rtol``, each :func:`default_tolerances` of ``dtype`` where ``None``; a NaN or
+    negative one raises a ``ValueError``."""
+    atol, rtol = check_tolerance("atol", atol), check_tolerance("rtol", rtol)
     default_atol, default_rtol = default_tolerances(dtype)
     return default_atol if atol is None else atol, default_rtol if rtol is None else rtol
 
@@ -359,7 +361,8 @@ def fixed_point_inverse(
         $x$ of shape ``(N, *event)`` and a :class:`SolveInfo`.
 
     Raises:
-        ValueError: If ``method`` is unknown or ``max_iter`` is below 1.
+        ValueError: If ``method`` is unknown, ``max_iter`` is below 1 or ``atol``/``rtol`` is
+            NaN or negative.
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:

@@ -89,6 +89,14 @@ def _store_normalized(buffer: Tensor, x: Tensor) -> None:
     torch.where(norm / norm == 1, x.div_(norm), buffer, out=buffer)
 
 
+def _restart_vector(like: Tensor) -> Tensor:
+    """A fixed pseudo-random unit vector shaped, typed and placed like ``like`` (from its own seeded
+    generator: torch's global RNG is not drawn from). Generic, unlike a constant vector, which can lie
+    in an invariant subspace that misses the top singular vector (a channel-symmetric kernel)."""
+    x = torch.randn(like.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return (x / torch.linalg.vector_norm(x)).to(like)
+
+
 class _SpectralNorm(nn.Module):
     r"""Shared machinery of spectrally normalised layers.
 
@@ -99,6 +107,7 @@ class _SpectralNorm(nn.Module):
 
     u: Tensor
     v: Tensor
+    _buffers_written: tuple[int, int, int, int] | None = None  # u, v as this layer last left them
 
     def _init_spectral_norm(
         self,
@@ -124,19 +133,44 @@ class _SpectralNorm(nn.Module):
             self.u.copy_(_normalize_(torch.randn_like(self.u)))
             self.v.copy_(_normalize_(torch.randn_like(self.v)))
             self._converge_power_iteration(rtol=1e-2)
+        self._buffers_written = self._buffers_state()
 
-    @torch.no_grad()
+    def _buffers_state(self) -> tuple[int, int, int, int]:
+        """A key that changes when ``u`` or ``v`` is replaced or written in place."""
+        return self.u.data_ptr(), self.u._version, self.v.data_ptr(), self.v._version
+
+    def _restart_degenerate_buffers(self) -> bool:
+        """Restart ``u`` or ``v`` from :func:`_restart_vector` where it is zero or holds NaN/Inf:
+        power steps cannot leave such a buffer (0 is a fixed point of the step, and a step keeps
+        the buffer when its result is not usable). One host sync; returns whether one restarted."""
+        restarted = False
+        for buffer in (self.u, self.v):
+            norm = torch.linalg.vector_norm(buffer)
+            if not bool(norm / norm == 1):  # false for 0, Inf and NaN
+                buffer.copy_(_restart_vector(buffer))
+                restarted = True
+        return restarted
+
     def _converge_power_iteration(self, rtol: float) -> None:
         """Bring the estimate within ``rtol`` of the exact norm: set ``u``, ``v`` to the top singular
-        pair where the layer has it in closed form (:meth:`_top_singular`), else iterate.
+        pair where the layer has it in closed form (:meth:`_top_singular`), else iterate (from a
+        restart where a buffer is zero or non-finite).
 
         Raises:
-            NonFiniteError: If the weight holds NaN/Inf (its norm is undefined)."""
+            NonFiniteError: If the weight holds NaN/Inf (its norm is undefined).
+
+        Warns:
+            LipschitzWarning: If the iteration runs out of its 10,000 steps short of ``rtol``."""
+        with torch.no_grad():
+            self._converge_power_iteration_no_grad(rtol)
+
+    def _converge_power_iteration_no_grad(self, rtol: float) -> None:
         if not bool(torch.isfinite(self.weight).all()):
             raise NonFiniteError(
                 f"the weight of {type(self).__name__}({self.extra_repr()}) holds NaN/Inf, so its spectral "
                 "norm is undefined; restore the weight (e.g. from a checkpoint) or lower the learning rate"
             )
+        self._restart_degenerate_buffers()
         top = self._top_singular()
         if top is not None:
             if self.sigma_estimate() < (1.0 - rtol) * top[2]:
@@ -144,20 +178,19 @@ class _SpectralNorm(nn.Module):
                 self.v.copy_(top[1])
             return
         exact = self.exact_operator_norm()
-        if not (bool(self.u.any()) and bool(self.v.any())):  # zeroed by hand: power steps cannot leave 0
-            for buffer in (self.u, self.v):
-                buffer.fill_(1.0 / math.sqrt(buffer.numel()))
         for _ in range(_MAX_INIT_ITERATIONS):
             if self.sigma_estimate() >= (1.0 - rtol) * exact:
                 return
             self._power_step()
         estimate = float(self.sigma_estimate())
+        if estimate >= (1.0 - rtol) * exact:  # the last step got there
+            return
         warnings.warn(
             f"power iteration of {type(self).__name__}({self.extra_repr()}) stopped at {estimate:.6g} after "
             f"{_MAX_INIT_ITERATIONS} steps, short of the exact norm {exact:.6g}: the normalisation is weaker "
             "than coeff asks; lipschitz_bound certifies what the layer applies",
             LipschitzWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
 
     def _power_step(self) -> None:
@@ -181,19 +214,32 @@ class _SpectralNorm(nn.Module):
         convolution iterates to that tolerance, so that a model evaluated or sampled after training
         applies $\|\tilde W\| \le c$ up to it. Repeated calls with unchanged weights (e.g. a
         forward and then an inverse) leave the operator as it is, so round trips are exact.
+
+        Buffers written from outside since the last refresh (``load_state_dict``, ``.to()``, by
+        hand) are checked once (one host sync): a zero or non-finite ``u`` or ``v``, from which power
+        steps cannot recover, restarts from a fixed pseudo-random vector and converges as in
+        ``eval()``.
+
+        Warns:
+            LipschitzWarning: If a convolution's iteration to the tolerance runs out of its
+                10,000 steps (the layer is then normalised less than ``coeff`` asks).
         """
         self._match_buffers()
+        if self._buffers_state() != self._buffers_written:
+            if self._restart_degenerate_buffers():
+                self._converge_power_iteration(rtol=self._settle_rtol())
+            self._buffers_written = self._buffers_state()
         version = _tensor_state(self.weight)
         if not self.training:
             if version != self._settled_for:
                 self._converge_power_iteration(rtol=self._settle_rtol())
                 self._settled_for = version
-            return
-        if version == self._refreshed_for:
-            return
-        for _ in range(self.n_power_iterations):
-            self._power_step()
-        self._refreshed_for = version
+                self._buffers_written = self._buffers_state()
+        elif version != self._refreshed_for:
+            for _ in range(self.n_power_iterations):
+                self._power_step()
+            self._refreshed_for = version
+            self._buffers_written = self._buffers_state()
 
     def _match_buffers(self) -> None:
         r"""Re-converge ``u`` and ``v`` when the weight Parameter was replaced by another object.
@@ -493,6 +539,10 @@ def refresh_spectral_norm(module: nn.Module) -> None:
 
     Args:
         module: Any module; its :class:`SpectralNormLinear` / ``SpectralNormConv2d`` layers refresh.
+
+    Warns:
+        LipschitzWarning: If a convolution's iteration to its tolerance runs out of its 10,000
+            steps (see :meth:`SpectralNormLinear.refresh`).
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995

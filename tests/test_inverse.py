@@ -290,3 +290,25 @@ def test_half_precision_inverse_reaches_its_default_tolerance(dtype: torch.dtype
     y = 2 * torch.randn(16, 3, dtype=dtype)
     x = t.inv(y)
     assert x.dtype == dtype and t.block.last_diagnostics.inverse.converged
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson", "newton", "newton_logdet"])
+@pytest.mark.parametrize("bad", [dict(atol=math.nan), dict(rtol=math.nan), dict(atol=-1e-6)])
+def test_public_solvers_refuse_nan_or_negative_tolerances(solver: str, bad: dict) -> None:
+    """A NaN tolerance used to count every sample as finished at once: y came back as its own
+    preimage, reported converged, without a warning."""
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import newton_inverse, newton_inverse_and_logdet, solver_net
+
+    torch.manual_seed(0)
+    net = LipschitzMLP([2, 16, 2], coeff=0.9).eval()
+    y = torch.randn(4, 2)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"{name} must be >= 0, got"):
+        if solver in ("fixed_point", "anderson"):
+            with torch.no_grad():
+                fixed_point_inverse(net, y, method=solver, **bad)
+        elif solver == "newton":
+            newton_inverse(solver_net(fused_mlp(net)), y, **bad)
+        else:
+            newton_inverse_and_logdet(solver_net(fused_mlp(net)), y, **bad)

@@ -224,6 +224,58 @@ def test_zero_weight_keeps_the_power_iteration_vectors() -> None:
     assert layer.lipschitz_constant() <= 0.5 * (1 + 1e-6)
 
 
+@pytest.mark.parametrize("damage", ["zero", "nan"])
+@pytest.mark.parametrize("how", ["by_hand", "load_state_dict"])
+def test_degenerate_buffers_restart_in_training_mode(damage: str, how: str) -> None:
+    """u = v = 0 is a fixed point of the power step, and a step keeps a NaN buffer: buffers written
+    that way from outside used to leave sigma~ at 0 (or NaN) in training mode for good, so the weight
+    went unnormalised (Lipschitz 3 for coeff 0.5 here). The next refresh restarts and converges them."""
+    from pyro_iresnet import SpectralNormConv2d
+
+    torch.manual_seed(0)
+    fill = 0.0 if damage == "zero" else math.nan
+    for layer, x in ((SpectralNormLinear(4, 4, coeff=0.5).double(), torch.randn(8, 4, dtype=torch.float64)),
+                     (SpectralNormConv2d(2, 2, 3, (2, 4, 4), coeff=0.5).double(),
+                      torch.randn(3, 2, 4, 4, dtype=torch.float64))):
+        with torch.no_grad():
+            layer.weight.mul_(3 / layer.exact_operator_norm())  # |W| = 3
+        if how == "by_hand":
+            with torch.no_grad():
+                layer.u.fill_(fill), layer.v.fill_(fill)
+        else:
+            state = {k: v.clone() for k, v in layer.state_dict().items()}
+            state["u"].fill_(fill), state["v"].fill_(fill)
+            layer.load_state_dict(state)
+        layer(x)  # training mode
+        assert torch.isfinite(layer.u).all() and torch.isfinite(layer.v).all()
+        assert layer.lipschitz_constant() <= 0.5 * (1 + 1e-5)
+        with torch.no_grad():
+            layer.weight.mul_(1.5)  # later weight changes keep being followed
+        layer(x)
+        assert layer.lipschitz_constant() <= 0.5 * 1.01
+
+
+def test_buffer_check_runs_only_after_outside_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The degenerate-buffer check (a host sync) runs after the buffers were written from outside,
+    not on the layer's own power steps."""
+    layer = SpectralNormLinear(4, 4)
+    x = torch.randn(8, 4)
+    layer(x)
+    calls = []
+    original = SpectralNormLinear._restart_degenerate_buffers
+    monkeypatch.setattr(SpectralNormLinear, "_restart_degenerate_buffers",
+                        lambda self: calls.append(1) or original(self))
+    for _ in range(3):
+        with torch.no_grad():
+            layer.weight.add_(0.01)
+        layer(x)
+    assert calls == []
+    layer.load_state_dict(layer.state_dict())
+    layer(x)
+    layer(x)
+    assert calls == [1]
+
+
 def test_optimizer_steps_of_other_parameters_leave_a_frozen_flow_alone() -> None:
     """Only the tensors an optimiser steps count as changed: a frozen block next to a trained one
     runs no power step in its training-mode calls (it used to after every optimiser step anywhere in

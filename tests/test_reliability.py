@@ -149,8 +149,9 @@ def test_bad_input_leaves_state_untouched() -> None:
 
 # -- failure modes -------------------------------------------------------------------------------------
 def _break_lipschitz(t) -> None:
-    """Overwrite the weights and the power-iteration buffers: with u = 0 the estimate sigma = u^T W v is 0,
-    so the normalisation no longer binds and the (scaled-up) raw weights are used as they are.
+    """Overwrite the weights and the power-iteration buffers: with a unit u orthogonal to W v the
+    estimate sigma = u^T W v is 0, so the normalisation no longer binds and the (scaled-up) raw weights
+    are used as they are (a zero u would be noticed and restarted).
 
     The weights are written through ``.data`` after a call in ``eval()``: no optimiser step and no version
     change, so the layers see no new weight to settle (which would set u, v to the exact singular vectors
@@ -160,7 +161,9 @@ def _break_lipschitz(t) -> None:
         for layer in t.modules():
             if isinstance(layer, SpectralNormLinear):
                 layer.weight.data.mul_(5.0)
-                layer.u.zero_()
+                wv = layer.weight @ layer.v
+                u = torch.ones_like(layer.u) - (torch.ones_like(layer.u) @ wv) / (wv @ wv) * wv
+                layer.u.copy_(u / torch.linalg.vector_norm(u))
 
 
 def test_broken_lipschitz_constraint_is_reported_and_the_inverse_is_loud() -> None:
