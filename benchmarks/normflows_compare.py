@@ -65,18 +65,29 @@ def build(which: str, blocks: int, hidden: int, fused: bool | str = "auto") -> n
 
 
 class Trainer:
-    def __init__(self, which: str, model: nf.NormalizingFlow, lr: float) -> None:
+    """Adam training steps of one model. The step draws its torch random numbers (roulette lengths,
+    probes) from the trainer's own stream, swapped into torch's global RNG for the step, so that a
+    model's training trajectory does not depend on the draws of a model trained beside it."""
+
+    def __init__(self, which: str, model: nf.NormalizingFlow, lr: float, seed: int = 0) -> None:
         self.which, self.model = which, model
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
+        self.rng_state = torch.Generator().manual_seed(seed).get_state()
 
     def step(self, x: torch.Tensor) -> float:
-        self.model.train()
-        self.opt.zero_grad(set_to_none=True)
-        loss = self.model.forward_kld(x)
-        loss.backward()
-        self.opt.step()
-        if self.which == "theirs":
-            nf.utils.update_lipschitz(self.model, 5)
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.rng_state)
+        try:
+            self.model.train()
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.model.forward_kld(x)
+            loss.backward()
+            self.opt.step()
+            if self.which == "theirs":
+                nf.utils.update_lipschitz(self.model, 5)
+        finally:
+            self.rng_state = torch.get_rng_state()
+            torch.set_rng_state(outer)
         return float(loss.detach())
 
 
