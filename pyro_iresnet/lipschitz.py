@@ -67,11 +67,17 @@ def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def _tensor_state(tensor: Tensor) -> tuple[int, int, int]:
+def _tensor_state(tensor: Tensor) -> tuple[int, int | None, int]:
     """A key that changes whenever ``tensor`` may have changed: its storage, its version counter
     (in-place updates, ``load_state_dict``) and the number of optimiser steps it took part in
     (updates through ``.data``, which the version counter does not see)."""
-    return tensor.data_ptr(), tensor._version, _optimizer_steps.get(id(tensor), 0)
+    return tensor.data_ptr(), _version(tensor), _optimizer_steps.get(id(tensor), 0)
+
+
+def _version(tensor: Tensor) -> int | None:
+    """The version counter of ``tensor``; ``None`` for an inference tensor (made under
+    ``torch.inference_mode()``, e.g. by ``.to()`` there), which has none."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def _normalize_(x: Tensor) -> Tensor:
@@ -135,21 +141,21 @@ class _SpectralNorm(nn.Module):
             self._converge_power_iteration(rtol=1e-2)
         self._buffers_written = self._buffers_state()
 
-    def _buffers_state(self) -> tuple[int, int, int, int]:
-        """A key that changes when ``u`` or ``v`` is replaced or written in place."""
-        return self.u.data_ptr(), self.u._version, self.v.data_ptr(), self.v._version
+    def _buffers_state(self) -> tuple[int, int | None, int, int | None]:
+        """A key that changes when ``u`` or ``v`` is replaced or written in place (not through
+        ``.data``, nor in place as inference tensors: neither is counted)."""
+        return self.u.data_ptr(), _version(self.u), self.v.data_ptr(), _version(self.v)
 
     def _restart_degenerate_buffers(self) -> bool:
         """Restart ``u`` or ``v`` from :func:`_restart_vector` where it is zero or holds NaN/Inf:
         power steps cannot leave such a buffer (0 is a fixed point of the step, and a step keeps
         the buffer when its result is not usable). One host sync; returns whether one restarted."""
-        restarted = False
-        for buffer in (self.u, self.v):
-            norm = torch.linalg.vector_norm(buffer)
-            if not bool(norm / norm == 1):  # false for 0, Inf and NaN
+        norms = torch.stack([torch.linalg.vector_norm(self.u), torch.linalg.vector_norm(self.v)])
+        usable = (norms / norms == 1).tolist()  # false for 0, Inf and NaN
+        for buffer, ok in zip((self.u, self.v), usable):
+            if not ok:
                 buffer.copy_(_restart_vector(buffer))
-                restarted = True
-        return restarted
+        return not all(usable)
 
     def _converge_power_iteration(self, rtol: float) -> None:
         """Bring the estimate within ``rtol`` of the exact norm: set ``u``, ``v`` to the top singular
@@ -215,10 +221,10 @@ class _SpectralNorm(nn.Module):
         applies $\|\tilde W\| \le c$ up to it. Repeated calls with unchanged weights (e.g. a
         forward and then an inverse) leave the operator as it is, so round trips are exact.
 
-        Buffers written from outside since the last refresh (``load_state_dict``, ``.to()``, by
-        hand) are checked once (one host sync): a zero or non-finite ``u`` or ``v``, from which power
-        steps cannot recover, restarts from a fixed pseudo-random vector and converges as in
-        ``eval()``.
+        Buffers replaced or written in place since the last refresh (``load_state_dict``, ``.to()``,
+        by hand; writes through ``.data`` are not seen) are checked once (one host sync): a zero or
+        non-finite ``u`` or ``v``, from which power steps cannot recover, restarts from a fixed
+        pseudo-random vector and converges as in ``eval()``.
 
         Warns:
             LipschitzWarning: If a convolution's iteration to the tolerance runs out of its

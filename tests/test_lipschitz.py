@@ -276,6 +276,18 @@ def test_buffer_check_runs_only_after_outside_writes(monkeypatch: pytest.MonkeyP
     assert calls == [1]
 
 
+def test_flow_moved_under_inference_mode_keeps_working() -> None:
+    """``.double()`` under ``torch.inference_mode()`` makes u, v inference tensors, which have no
+    version counter: reading it for the buffer check raised a RuntimeError at the next call."""
+    torch.manual_seed(0)
+    t = iresnet(2, hidden_dims=[8])
+    with torch.inference_mode():
+        t.double()
+        y = t(torch.randn(3, 2, dtype=torch.float64))
+        x = t.eval().inv(y)
+        assert torch.allclose(t(x), y, atol=1e-9)
+
+
 def test_optimizer_steps_of_other_parameters_leave_a_frozen_flow_alone() -> None:
     """Only the tensors an optimiser steps count as changed: a frozen block next to a trained one
     runs no power step in its training-mode calls (it used to after every optimiser step anywhere in
