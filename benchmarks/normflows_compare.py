@@ -11,9 +11,10 @@ Measured side by side in one process (``torch.set_num_threads``): median train-s
 (ours: inverse to its default tolerance, a residual of at most 1e-6 (1 + |y|); theirs: its default
 squared-step stop, a step below about 3e-3 (1 + |y|)^(1/2); for comparison also ours stopped at
 ``atol=3e-3``, ``rtol=0``), before and after ``--steps`` training steps, and the held-out NLL
-(exact log-det, eval mode) at equal wall-clock, linear between the evaluations. normflows' net
-(``nf.nets.LipschitzMLP``) has one more Swish, before its first layer; ours starts with the linear
-layer.
+(exact log-det, eval mode) at equal wall-clock, linear between the evaluations. Each model trains
+on the same batches with its own torch RNG stream (roulette lengths, probes), so neither training
+curve depends on the other model's draws. normflows' net (``nf.nets.LipschitzMLP``) has one more
+Swish, before its first layer; ours starts with the linear layer.
 Peak memory of one training step: the peak of the bytes held by torch tensors allocated during the
 step (after a warm-up step), from ``torch.profiler`` with ``profile_memory=True``.
 
