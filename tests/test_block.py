@@ -244,3 +244,9 @@ def test_context_reaches_nets_that_take_it_through_a_pre_hook_or_a_decorator() -
         block = ResidualBlock(net, logdet="exact")
         y = block(x, context)
         torch.testing.assert_close(block.inverse(y, context), x, rtol=0, atol=1e-10)
+
+
+def test_eval_logdet_auto_is_exact_up_to_and_including_exact_max_dim() -> None:
+    block = ResidualBlock(LipschitzMLP([3, 8, 3]), exact_max_dim=3).eval()
+    block.forward_and_logdet(torch.randn(4, 3))
+    assert block.last_diagnostics.logdet_method == "exact"

@@ -391,3 +391,28 @@ def test_backward_twice_with_retained_graph_gives_the_same_gradients(options: di
     second = torch.autograd.grad(loss, [x, *net.parameters()])
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+def test_fused_gradient_where_the_estimate_equals_coeff_exactly() -> None:
+    """At sigma~ = c exactly, torch.clamp (the generic path) passes the gradient through the
+    normalisation; the fused path's closed form must do the same (ratio >= 1, not > 1)."""
+    import copy
+
+    torch.manual_seed(0)
+    c = 0.5
+    net = LipschitzMLP([2, 2, 2], coeff=c).double()
+    with torch.no_grad():
+        for layer in (net.layers[0], net.layers[2]):
+            layer.weight.copy_(torch.tensor([[c, 0.0], [0.0, c / 2]], dtype=torch.float64))
+            layer.u.copy_(torch.tensor([1.0, 0.0]))
+            layer.v.copy_(torch.tensor([1.0, 0.0]))
+    grads = []
+    x = torch.randn(5, 2, dtype=torch.float64)
+    for fused in (True, False):
+        block = ResidualBlock(copy.deepcopy(net), logdet="exact", fused=fused).train()
+        y, logdet = block.forward_and_logdet(x)
+        assert float(block.net.layers[0].sigma_estimate().detach()) == c  # the power step keeps e_1
+        (y.pow(2).sum() + logdet.sum()).backward()
+        grads.append([p.grad.clone() for p in block.net.parameters()])
+    for fused_grad, generic_grad in zip(*grads):
+        torch.testing.assert_close(fused_grad, generic_grad, rtol=1e-10, atol=1e-12)

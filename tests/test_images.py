@@ -459,3 +459,29 @@ def test_conv_operator_norm_other_paddings_and_narrow_outputs(out_channels: int,
     op = jacobian(lambda z: F.conv2d(z.unsqueeze(0), weight, padding=padding).squeeze(0), x)
     expected = float(torch.linalg.matrix_norm(op, ord=2))
     assert conv_operator_norm(weight, (3, 5, 6), padding=padding) == pytest.approx(expected, rel=1e-10)
+
+
+def test_multiscale_normflows_sample_log_q_matches_log_prob() -> None:
+    """sample() returns log q(x) with the sign convention of log_prob (after ActNorm's
+    data-dependent initialisation, which a log_prob on data performs)."""
+    from pyro_iresnet.normflows import multiscale_normalizing_flow
+
+    torch.manual_seed(0)
+    model = multiscale_normalizing_flow((1, 4, 4), hidden_channels=4, levels=17).double().eval()
+    with torch.no_grad():
+        model.log_prob(17 * torch.rand(8, 1, 4, 4, dtype=torch.float64))
+        x, log_q = model.sample(3)
+        torch.testing.assert_close(log_q, model.log_prob(x), rtol=1e-6, atol=1e-6)
+
+
+def test_lanczos_operator_norm_is_an_upper_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lanczos adds its residual to the Ritz value, so it never undershoots the exact norm (a
+    certificate must not), and overshoots it by rounding only."""
+    torch.manual_seed(0)
+    for _ in range(5):
+        w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+        dense = conv_operator_norm(w, (3, 6, 6), 1)  # 108 inputs: the dense, exact path
+        with monkeypatch.context() as m:
+            m.setattr(conv_module, "_DENSE_MAX_SIDE", 0)  # force Lanczos
+            lanczos = conv_operator_norm(w, (3, 6, 6), 1)
+        assert dense * (1 - 1e-14) <= lanczos <= dense * (1 + 1e-11)

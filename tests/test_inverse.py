@@ -312,3 +312,14 @@ def test_public_solvers_refuse_nan_or_negative_tolerances(solver: str, bad: dict
             newton_inverse(solver_net(fused_mlp(net)), y, **bad)
         else:
             newton_inverse_and_logdet(solver_net(fused_mlp(net)), y, **bad)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_exact_solution_meets_a_zero_tolerance_at_once(method: str) -> None:
+    """'Finished' is residual <= tol: with atol = rtol = 0 an exact solution (residual 0) stops at
+    the first check instead of running to max_iter and warning."""
+    y = torch.zeros(3, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, info = fixed_point_inverse(lambda x: 0.5 * x, y, atol=0.0, rtol=0.0, method=method)
+    assert info.converged and info.iterations == 1 and torch.equal(x, y)

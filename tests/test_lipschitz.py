@@ -327,3 +327,28 @@ def test_eval_mode_and_certificate_in_half_precision(dtype: torch.dtype) -> None
     y = t(x)
     assert y.dtype == dtype and torch.isfinite(t.log_abs_det_jacobian(x, y)).all()
     assert lipschitz_bound(t) < 1
+
+
+def test_power_step_updates_v_then_u() -> None:
+    """One training-mode step is v <- W^T u / |W^T u|, then u <- W v / |W v| (the documented order)."""
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(3, 4, n_power_iterations=1).double()
+    with torch.no_grad():
+        layer.weight.add_(0.3 * torch.randn_like(layer.weight))  # a new weight: the next forward steps once
+    u0, w = layer.u.clone(), layer.weight.detach().clone()
+    layer(torch.randn(2, 3, dtype=torch.float64))
+    v1 = w.T @ u0 / torch.linalg.vector_norm(w.T @ u0)
+    u1 = w @ v1 / torch.linalg.vector_norm(w @ v1)
+    torch.testing.assert_close(layer.v, v1, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.u, u1, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha, expected", [(2.0, 2.0), (0.5, 1.0)])
+def test_elu_bound_is_max_of_one_and_alpha(alpha: float, expected: float) -> None:
+    assert lipschitz_bound(nn.Sequential(nn.ELU(alpha=alpha))) == expected
+
+
+def test_dropout_bound_is_inverse_keep_probability_in_training_only() -> None:
+    drop = nn.Dropout(0.5)
+    assert lipschitz_bound(nn.Sequential(drop.train())) == 2.0
+    assert lipschitz_bound(nn.Sequential(drop.eval())) == 1.0
