@@ -238,14 +238,16 @@ def check_bool(name: str, value: bool) -> bool:
         TypeError: If ``value`` is not a boolean.
 
     Examples:
-        >>> check_bool("strict", True)
-        True
+        >>> import numpy as np
+        >>> check_bool("strict", True), check_bool("strict", np.True_)
+        (True, True)
         >>> check_bool("exact_trace", "False")
         Traceback (most recent call last):
             ...
         TypeError: exact_trace must be True or False, got 'False'
     """
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):  # numpy's bool, without numpy
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool")  # numpy 1 / 2
+    if not (isinstance(value, bool) or numpy_bool):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from pyro_iresnet import LipschitzMLP, SpectralNormLinear
 
@@ -27,6 +28,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_cuda)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+
+
+def activate(module: nn.Module, scale: float = 5.0) -> nn.Module:
+    """Warm-up: scale the weights up so every spectral normalisation is active (g non-trivial,
+    Lip(g) close to coeff), with power iteration converged on the scaled weights."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, SpectralNormLinear):
+                layer.weight.mul_(scale)
+                layer._converge_power_iteration(rtol=1e-6)
+    return module
 
 
 def _orthonormal_columns(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:

@@ -485,3 +485,57 @@ def test_lanczos_operator_norm_is_an_upper_bound(monkeypatch: pytest.MonkeyPatch
             m.setattr(conv_module, "_DENSE_MAX_SIDE", 0)  # force Lanczos
             lanczos = conv_operator_norm(w, (3, 6, 6), 1)
         assert dense * (1 - 1e-14) <= lanczos <= dense * (1 + 1e-11)
+
+
+def test_factor_out_recomputes_the_inner_logdet_for_another_pair() -> None:
+    """For a pair other than the cached one the log-det must be the inner map's at x1. Inner:
+    LogitTransform, whose log-det has the closed form sum log(1-2a) - log K - log p - log(1-p)."""
+    torch.manual_seed(0)
+    levels, alpha = 17, 0.05
+    t = FactorOut(LogitTransform(levels, alpha), keep_channels=1)
+    x = levels * torch.rand(3, 2, 2, 2, dtype=DTYPE)
+    y = t(x)
+    cached = t.log_abs_det_jacobian(x, y)
+    recomputed = t.log_abs_det_jacobian(x.clone(), y.clone())  # not the cached pair
+    p = alpha + (1 - 2 * alpha) * x[:, :1] / levels
+    expected = (math.log(1 - 2 * alpha) - math.log(levels) - torch.log(p) - torch.log1p(-p)).flatten(1).sum(1)
+    torch.testing.assert_close(cached, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(recomputed, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_multiscale_scale_is_actnorm_then_block_pairs() -> None:
+    """The documented structure of a scale is Squeeze, n_blocks x (ActNorm, conv_iresnet), [next
+    scale], Unsqueeze."""
+    from pyro_iresnet.images import Squeeze, Unsqueeze
+    from pyro_iresnet.pyro import InvertibleResidual
+
+    flow = multiscale_iresnet((1, 4, 4), n_scales=1, n_blocks=2, hidden_channels=4)
+    scale = flow.encoder.parts[0]
+    kinds = [type(p) for p in scale.parts]
+    assert kinds == [Squeeze, ActNorm, InvertibleResidual, ActNorm, InvertibleResidual, Unsqueeze]
+
+
+def test_conv_operator_norm_rejects_an_empty_output() -> None:
+    """A kernel that leaves exactly 0 output rows (H + 2 p - k + 1 = 0) must raise the documented
+    ValueError (not an IndexError from an empty eigvalsh)."""
+    weight = torch.randn(1, 1, 5, 5, dtype=DTYPE)
+    with pytest.raises(ValueError, match="has no output"):
+        conv_operator_norm(weight, (1, 4, 4), padding=0)
+
+
+def test_lipschitz_cnn_has_an_activation_between_every_pair_of_convolutions() -> None:
+    """g = A_L o phi o ... o phi o A_1, so the layers alternate Conv, phi, Conv, phi, Conv."""
+    g = LipschitzCNN([2, 4, 4, 2], [3, 1, 3], input_shape=(2, 4, 4))
+    from pyro_iresnet import LipSwish
+
+    kinds = [type(m) for m in g.layers]
+    assert kinds == [SpectralNormConv2d, LipSwish, SpectralNormConv2d, LipSwish, SpectralNormConv2d]
+    g = LipschitzCNN([2, 4, 2], [3, 3], input_shape=(2, 4, 4), activation="elu")
+    assert [type(m) for m in g.layers] == [SpectralNormConv2d, torch.nn.ELU, SpectralNormConv2d]
+
+
+def test_lipschitz_cnn_checks_channels_against_input_shape() -> None:
+    """The documented ValueError must be raised (else the net's event_shape would disagree
+    with its first convolution)."""
+    with pytest.raises(ValueError, match=r"channels\[0\] must equal input_shape\[0\]=2"):
+        LipschitzCNN([3, 4, 2], [3, 3], input_shape=(2, 4, 4))

@@ -25,6 +25,7 @@ from pyro_iresnet import (
     iresnet,
     lipschitz_bound,
 )
+from tests.conftest import activate
 
 DTYPE = torch.float64
 CONTEXT_DIM = 3
@@ -54,17 +55,6 @@ class Case:
         if not self.inverted:
             return per_sample_logdet(self.explicit, x)
         return -per_sample_logdet(self.explicit, self.transform(x.clone()).detach())
-
-
-def activate(module: nn.Module, scale: float = 5.0) -> nn.Module:
-    """Warm-up: scale the weights up so every spectral normalisation is active (g non-trivial,
-    Lip(g) close to coeff), with power iteration converged on the scaled weights."""
-    with torch.no_grad():
-        for layer in module.modules():
-            if isinstance(layer, SpectralNormLinear):
-                layer.weight.mul_(scale)
-                layer._converge_power_iteration(rtol=1e-6)
-    return module
 
 
 def _plain(dim: int, **options: object) -> Callable[[], Case]:
@@ -555,3 +545,52 @@ def test_cuda_svi_step() -> None:
     assert torch.isfinite(losses).all()
     samples = Predictive(model, guide=guide, num_samples=5, return_sites=["z"])(obs)
     assert samples["z"].device.type == "cuda"
+
+
+def test_conditioned_cache_is_dropped_when_the_context_changes_in_place() -> None:
+    """Without the context in its cache key, a conditioned transform would serve the pair cached for
+    the old context. _FreshCache's docstring and InvertibleResidual's say the cache is dropped when
+    a tensor it depends on (the context) changes in place."""
+    torch.manual_seed(0)
+    c = activate(conditional_iresnet(2, 3, logdet="exact").to(DTYPE))
+    context = torch.randn(3, dtype=DTYPE)
+    t = c.condition(context)
+    x = torch.randn(4, 2, dtype=DTYPE)
+    y_old = t(x)
+    with torch.no_grad():
+        context.add_(1.0)  # e.g. an encoder's output buffer updated in place
+    y_new = t(x)
+    assert y_new is not y_old
+    expected = x + t.block.g(x, context.expand(4, 3))
+    torch.testing.assert_close(y_new, expected, rtol=1e-12, atol=1e-12)
+    assert (y_new - y_old).abs().max() > 1e-3  # the context really changes g
+
+
+def test_log_abs_det_jacobian_after_an_optimiser_step_is_not_served_stale() -> None:
+    """After y = t(x) and an in-place parameter update, t.log_abs_det_jacobian(x, y) must not return
+    the log-det cached for the old parameters. The class docstring says the log-det is dropped once
+    a parameter changes."""
+    torch.manual_seed(0)
+    t = activate(iresnet(2, logdet="exact").to(DTYPE))
+    x = torch.randn(6, 2, dtype=DTYPE)
+    y = t(x)
+    stale = t.log_abs_det_jacobian(x, y).detach().clone()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # what optimiser.step() does
+    fresh = t.log_abs_det_jacobian(x, y)
+    t.block.eval()  # reference at the current (refreshed) weights, exact either way
+    reference = per_sample_logdet(lambda v: v + t.block.g(v), x)
+    torch.testing.assert_close(fresh, reference, rtol=1e-10, atol=1e-10)
+    assert (reference - stale).abs().max() > 1e-3
+
+
+def test_iresnet_default_hidden_dims_are_two_layers() -> None:
+    """The documented default is two hidden layers of max(64, 4 d)."""
+    for d, width in ((3, 64), (20, 80)):
+        net = iresnet(d).block.net
+        sizes = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, SpectralNormLinear)]
+        assert sizes == [(d, width), (width, width), (width, d)]
+    net = conditional_iresnet(3, 2).block.net.net
+    sizes = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, SpectralNormLinear)]
+    assert sizes == [(5, 64), (64, 64), (64, 3)]

@@ -8,6 +8,7 @@ import re
 import warnings
 
 import normflows as nf
+import numpy as np
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -29,6 +30,7 @@ from pyro_iresnet import (
     lipschitz_bound,
     name_blocks,
 )
+from pyro_iresnet.errors import check_bool, check_positive_int, check_probability
 from pyro_iresnet.normflows import Residual
 
 NAN = float("nan")
@@ -483,3 +485,28 @@ def test_swapped_in_weight_parameter_in_training_mode(options: dict) -> None:
     assert bool(torch.isfinite(logdet).all())
     exact = float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2))
     assert abs(float(layer.sigma_estimate().detach()) / exact - 1) < 1e-5
+
+
+def test_bool_is_refused_where_a_real_is_expected() -> None:
+    """p=True would silently become p=1.0. The docstrings say bool is refused (TypeError)."""
+    with pytest.raises(TypeError, match="p must be a float in"):
+        check_probability("p", True)
+    with pytest.raises(TypeError, match="p must be a float in"):
+        ResidualBlock(LipschitzMLP([2, 8, 2]), p=True)
+    with pytest.raises(TypeError, match="lam must be a finite float"):
+        ResidualBlock(LipschitzMLP([2, 8, 2]), lam=True)
+
+
+def test_bool_is_refused_where_an_int_is_expected() -> None:
+    """n_terms=True would silently become 1."""
+    with pytest.raises(TypeError, match="n_terms must be an int, got bool"):
+        check_positive_int("n_terms", True)
+    with pytest.raises(TypeError, match="n_terms must be an int, got bool"):
+        ResidualBlock(LipschitzMLP([2, 8, 2]), n_terms=True)
+
+
+def test_numpy_bools_are_accepted_as_switches() -> None:
+    """The docstring accepts numpy booleans."""
+    assert check_bool("strict", np.bool_(True)) is True
+    block = ResidualBlock(LipschitzMLP([2, 8, 2]), strict=np.True_, neumann_grad=np.False_)
+    assert block.strict is True and block.neumann_grad is False
