@@ -157,6 +157,7 @@ class _SpectralNorm(nn.Module):
                 buffer.copy_(_restart_vector(buffer))
         return not all(usable)
 
+    @torch.no_grad()
     def _converge_power_iteration(self, rtol: float) -> None:
         """Bring the estimate within ``rtol`` of the exact norm: set ``u``, ``v`` to the top singular
         pair where the layer has it in closed form (:meth:`_top_singular`), else iterate (from a
@@ -166,11 +167,8 @@ class _SpectralNorm(nn.Module):
             NonFiniteError: If the weight holds NaN/Inf (its norm is undefined).
 
         Warns:
-            LipschitzWarning: If the iteration runs out of its 10,000 steps short of ``rtol``."""
-        with torch.no_grad():
-            self._converge_power_iteration_no_grad(rtol)
-
-    def _converge_power_iteration_no_grad(self, rtol: float) -> None:
+            LipschitzWarning: If the iteration runs out of its 10,000 steps short of ``rtol``
+                (``stacklevel`` 3: past the ``no_grad`` wrapper, at this method's caller)."""
         if not bool(torch.isfinite(self.weight).all()):
             raise NonFiniteError(
                 f"the weight of {type(self).__name__}({self.extra_repr()}) holds NaN/Inf, so its spectral "
@@ -231,21 +229,18 @@ class _SpectralNorm(nn.Module):
                 10,000 steps (the layer is then normalised less than ``coeff`` asks).
         """
         self._match_buffers()
-        if self._buffers_state() != self._buffers_written:
-            if self._restart_degenerate_buffers():
-                self._converge_power_iteration(rtol=self._settle_rtol())
-            self._buffers_written = self._buffers_state()
+        if self._buffers_state() != self._buffers_written and self._restart_degenerate_buffers():
+            self._converge_power_iteration(rtol=self._settle_rtol())
         version = _tensor_state(self.weight)
         if not self.training:
             if version != self._settled_for:
                 self._converge_power_iteration(rtol=self._settle_rtol())
                 self._settled_for = version
-                self._buffers_written = self._buffers_state()
         elif version != self._refreshed_for:
             for _ in range(self.n_power_iterations):
                 self._power_step()
             self._refreshed_for = version
-            self._buffers_written = self._buffers_state()
+        self._buffers_written = self._buffers_state()
 
     def _match_buffers(self) -> None:
         r"""Re-converge ``u`` and ``v`` when the weight Parameter was replaced by another object.
