@@ -539,3 +539,17 @@ def test_lipschitz_cnn_checks_channels_against_input_shape() -> None:
     with its first convolution)."""
     with pytest.raises(ValueError, match=r"channels\[0\] must equal input_shape\[0\]=2"):
         LipschitzCNN([3, 4, 2], [3, 3], input_shape=(2, 4, 4))
+
+
+def test_multiscale_normalizing_flow_base_is_a_fixed_standard_normal() -> None:
+    """The normflows model's base distribution is a fixed standard normal over input_shape: it
+    holds no trainable parameters (an optimiser over model.parameters() cannot move it) and its
+    log-density is the standard normal's, -0.5 (|z|^2 + D log 2 pi)."""
+    from pyro_iresnet.normflows import multiscale_normalizing_flow
+
+    torch.manual_seed(0)
+    model = multiscale_normalizing_flow((1, 4, 4), hidden_channels=4, levels=17)
+    assert [p for p in model.q0.parameters() if p.requires_grad] == []
+    z = torch.randn(3, 1, 4, 4)
+    expected = -0.5 * (z.flatten(1).pow(2).sum(1) + 16 * math.log(2 * math.pi))
+    assert torch.allclose(model.q0.log_prob(z), expected, atol=1e-5)

@@ -323,3 +323,50 @@ def test_exact_solution_meets_a_zero_tolerance_at_once(method: str) -> None:
         warnings.simplefilter("error")
         x, info = fixed_point_inverse(lambda x: 0.5 * x, y, atol=0.0, rtol=0.0, method=method)
     assert info.converged and info.iterations == 1 and torch.equal(x, y)
+
+
+def test_iterations_count_plain_and_anderson_iterations() -> None:
+    """SolveInfo.iterations counts every iteration of the solve, including the plain iterations
+    run before Anderson takes over: it equals the number of evaluations of g (one per iteration)
+    and exceeds the 100 plain iterations of the two progress windows when Anderson was needed.
+
+    g(x) = 0.995 Q x with Q orthogonal contracts by 0.995 per plain step, so the worst residual
+    does not halve within 50 iterations and Anderson finishes the solve."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    calls = []
+
+    def g(x):
+        calls.append(1)
+        return 0.995 * x @ q.T
+
+    y = torch.randn(4, 8, dtype=torch.float64)
+    x, info = fixed_point_inverse(g, y, max_iter=2000)
+    assert info.converged
+    assert torch.allclose(x + g(x), y, atol=1e-10)
+    calls.pop()  # the check above
+    assert info.iterations > 100
+    assert info.iterations == len(calls)
+
+
+def test_inverse_gradient_reaches_the_context() -> None:
+    """The inverse x(y, c) of y = x + g(x, c) is differentiated in the context too (implicit
+    function theorem): dx/dc = -(I + J_x)^{-1} J_c, with J_x, J_c the autograd Jacobians of g at
+    the solution. Float64, default tolerances (residual <= 1e-12), so 1e-9 is ample."""
+    from pyro_iresnet import LipschitzMLP, ResidualBlock
+    from pyro_iresnet.pyro import ConcatContextNet
+
+    torch.manual_seed(0)
+    net = ConcatContextNet(LipschitzMLP([2 + 3, 16, 2], coeff=0.9), context_dim=3).double()
+    block = ResidualBlock(net, logdet="exact").eval()
+    y = torch.randn(1, 2, dtype=torch.float64)
+    c = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)
+    x = block.inverse(y, c)
+    w = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
+    (x * w).sum().backward()
+    x0, c0 = x.detach()[0], c.detach()[0]
+    jx = torch.autograd.functional.jacobian(lambda z: net(z[None], c0[None])[0], x0)
+    jc = torch.autograd.functional.jacobian(lambda z: net(x0[None], z[None])[0], c0)
+    expected = -(w[0] @ torch.linalg.solve(torch.eye(2, dtype=torch.float64) + jx, jc))
+    assert c.grad is not None
+    assert (c.grad[0] - expected).abs().max() < 1e-9

@@ -352,3 +352,60 @@ def test_dropout_bound_is_inverse_keep_probability_in_training_only() -> None:
     drop = nn.Dropout(0.5)
     assert lipschitz_bound(nn.Sequential(drop.train())) == 2.0
     assert lipschitz_bound(nn.Sequential(drop.eval())) == 1.0
+
+
+def test_leaky_relu_rule_uses_its_slope() -> None:
+    """lipschitz_bound of an nn.LeakyReLU is max(1, |negative_slope|): for slope -2 a chain
+    Linear -> LeakyReLU has bound 2 * ||W~||_2 (a slope of magnitude 2 doubles the constant)."""
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(3, 3, coeff=0.4)
+    bound_linear = lipschitz_bound(nn.Sequential(layer))
+    assert lipschitz_bound(nn.Sequential(layer, nn.LeakyReLU(-2.0))) == pytest.approx(2 * bound_linear, rel=1e-12)
+    assert lipschitz_bound(nn.Sequential(layer, nn.LeakyReLU(0.01))) == pytest.approx(bound_linear, rel=1e-12)
+
+
+def test_degenerate_buffer_restart_is_deterministic_and_leaves_the_global_rng_alone() -> None:
+    """Restarting a zeroed power-iteration buffer draws from its own seeded generator: torch's
+    global RNG state is unchanged by the refresh, and two layers with the same weight and the same
+    zeroed buffer end with identical buffers whatever the global seed."""
+    torch.manual_seed(0)
+    a = SpectralNormLinear(5, 4, n_power_iterations=1)
+    b = SpectralNormLinear(5, 4, n_power_iterations=1)
+    with torch.no_grad():
+        b.weight.copy_(a.weight)
+        b.v.copy_(a.v)
+    results = []
+    for layer, seed in ((a, 1), (b, 2)):
+        with torch.no_grad():
+            layer.u.zero_()
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        layer.refresh()
+        assert torch.equal(torch.get_rng_state(), state)
+        results.append(layer.u.clone())
+    assert torch.equal(results[0], results[1])
+
+
+def test_swapped_weight_parameter_reconverges_the_power_iteration() -> None:
+    """A weight Parameter replaced by one with other values (Pyro's param store after a load) brings
+    sigma~ to the new weight's exact norm at the next use, within the settle tolerance."""
+    torch.manual_seed(0)
+    layer = SpectralNormLinear(4, 5, coeff=0.9).double()
+    new_weight = 3 * torch.randn_like(layer.weight)  # other singular vectors than the old weight's
+    layer.weight = nn.Parameter(new_weight)
+    exact = float(torch.linalg.matrix_norm(new_weight, ord=2))
+    assert float(layer.sigma_estimate().detach()) == pytest.approx(exact, rel=1e-6)
+
+
+def test_bound_of_a_transformed_distribution_covers_every_block() -> None:
+    """lipschitz_bound of a flow is the largest bound over all its residual blocks, not the first's."""
+    import pyro.distributions as dist
+
+    torch.manual_seed(0)
+    blocks = [iresnet(2, hidden_dims=[8], coeff=0.5), iresnet(2, hidden_dims=[8], coeff=0.97)]
+    base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+    flow = dist.TransformedDistribution(base, blocks)
+    bounds = [lipschitz_bound(b) for b in blocks]
+    assert bounds[1] > bounds[0]
+    assert lipschitz_bound(flow) == max(bounds)
+

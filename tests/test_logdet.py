@@ -220,3 +220,18 @@ def test_error_bound_near_lipschitz_one_uses_the_closed_form_tail() -> None:
     lip, n = 0.9999, 10
     reference = -math.log1p(-lip) - math.fsum(lip**k / k for k in range(1, n + 1))
     assert math.isclose(logdet_error_bound(lip, n_terms=n, dim=3), 3 * reference, rel_tol=1e-9)
+
+
+def test_exact_logdet_in_bfloat16_matches_the_float64_value() -> None:
+    """exact_logdet accepts bfloat16 inputs (torch.linalg refuses low-precision dtypes, so the
+    factorisation runs in float32) and returns bfloat16 log-dets equal to the float64 value of
+    log det(I + A) up to bfloat16 rounding (relative 2^-8 of the output, plus the input rounding
+    of A's entries; 0.05 absolute is ample for |logdet| < 1)."""
+    from pyro_iresnet.logdet import exact_logdet
+
+    a = torch.tensor([[0.25, 0.125], [-0.0625, 0.5]])
+    x = torch.randn(3, 2).to(torch.bfloat16)
+    gx, logdet = exact_logdet(lambda z: z @ a.to(z.dtype).T, x)
+    assert logdet.dtype == torch.bfloat16 and logdet.shape == (3,)
+    expected = torch.linalg.slogdet(torch.eye(2, dtype=torch.float64) + a.double()).logabsdet
+    assert (logdet.double() - expected).abs().max() < 0.05

@@ -594,3 +594,12 @@ def test_iresnet_default_hidden_dims_are_two_layers() -> None:
     net = conditional_iresnet(3, 2).block.net.net
     sizes = [(m.in_features, m.out_features) for m in net.modules() if isinstance(m, SpectralNormLinear)]
     assert sizes == [(5, 64), (64, 64), (64, 3)]
+
+
+def test_conditional_transform_names_a_wrong_event_size() -> None:
+    """The context-concatenating net knows its event shape (the MLP's input size less the context
+    size), so an input of the wrong size gets an error naming the expected shape."""
+    t = conditional_iresnet(2, CONTEXT_DIM).condition(torch.randn(CONTEXT_DIM))
+    with pytest.raises(ValueError, match=r"must have shape \(\.\.\., 2\), got \(4, 5\)"):
+        t(torch.randn(4, 5))
+
