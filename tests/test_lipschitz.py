@@ -409,3 +409,19 @@ def test_bound_of_a_transformed_distribution_covers_every_block() -> None:
     assert bounds[1] > bounds[0]
     assert lipschitz_bound(flow) == max(bounds)
 
+
+def test_nested_frozen_contexts_restore_the_outer_state() -> None:
+    """Leaving an inner frozen_spectral_norm restores each layer's previous state: inside the still
+    open outer context a training-mode call runs no power step."""
+    from pyro_iresnet.lipschitz import frozen_spectral_norm
+
+    layer = SpectralNormLinear(3, 3)
+    u = layer.u.clone()
+    with frozen_spectral_norm(layer):
+        with frozen_spectral_norm(layer):
+            pass
+        layer(torch.randn(4, 3))
+    assert torch.equal(layer.u, u)
+    layer(torch.randn(4, 3))  # unfrozen: the pending power step runs
+    assert not torch.equal(layer.u, u)
+
