@@ -388,3 +388,32 @@ def test_plain_forward_runs_power_iteration_in_training() -> None:
     torch.testing.assert_close(y_forward, y_reference, rtol=1e-13, atol=1e-13)
     u_after = [m.u for m in block.net.modules() if isinstance(m, SpectralNormLinear)]
     assert any(not torch.equal(a, b) for a, b in zip(u_before, u_after))
+
+
+class _PositionalOnlyContextNet(torch.nn.Module):
+    """g(x, c) = 0.5 tanh(W [x, c]) with a positional-only forward(x, context, /)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 2, dtype=DTYPE)
+        with torch.no_grad():
+            self.linear.weight.mul_(0.5 / torch.linalg.matrix_norm(self.linear.weight, 2))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, /) -> torch.Tensor:
+        return 0.5 * torch.tanh(self.linear(torch.cat([x, context], dim=-1)))
+
+
+def test_a_net_with_a_positional_only_context_argument_gets_the_context() -> None:
+    """A net whose forward takes (x, context, /) positionally is recognised as conditional: the block
+    computes y = x + g(x, c), with the exact log-det log|det(I + J_g)| from autograd."""
+    from pyro_iresnet import ResidualBlock
+
+    torch.manual_seed(0)
+    net = _PositionalOnlyContextNet()
+    block = ResidualBlock(net, logdet="exact")
+    x, c = torch.randn(4, 2, dtype=DTYPE), torch.randn(4, 3, dtype=DTYPE)
+    y, logdet = block.forward_and_logdet(x, c)
+    assert torch.allclose(y, x + net(x, c), atol=1e-14, rtol=0)
+    for i in range(4):
+        jac = torch.autograd.functional.jacobian(lambda z, ci=c[i]: z + net(z, ci), x[i])
+        assert math.isclose(float(logdet[i].detach()), float(torch.linalg.slogdet(jac)[1]), abs_tol=1e-12)

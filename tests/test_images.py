@@ -553,3 +553,92 @@ def test_multiscale_normalizing_flow_base_is_a_fixed_standard_normal() -> None:
     z = torch.randn(3, 1, 4, 4)
     expected = -0.5 * (z.flatten(1).pow(2).sum(1) + 16 * math.log(2 * math.pi))
     assert torch.allclose(model.q0.log_prob(z), expected, atol=1e-5)
+
+
+def test_dequantize_adds_standard_uniform_noise() -> None:
+    """dequantize(x) = x + u with u ~ U[0, 1) from torch's RNG: u lies in [0, 1), fills the whole
+    unit interval (mean 1/2, variance 1/12, both halves equally often), and the draw is
+    reproducible from torch's seed."""
+    x = torch.arange(17, dtype=DTYPE).repeat(6000)  # 102000 entries
+    torch.manual_seed(0)
+    u = dequantize(x) - x
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    n = u.numel()
+    # standard errors: mean 0.29/sqrt(n) ~ 9e-4, variance ~ 2.6e-4, half fraction 1.6e-3
+    assert abs(float(u.mean()) - 0.5) < 6e-3
+    assert abs(float(u.var()) - 1.0 / 12.0) < 2e-3
+    assert abs(float((u >= 0.5).double().mean()) - 0.5) < 1e-2
+    assert float(u.max()) > 0.999 and n == 102000
+    torch.manual_seed(1)
+    v = dequantize(x)
+    torch.manual_seed(1)
+    assert torch.equal(v, x + torch.rand_like(x))
+
+
+def test_bits_per_dim_rejects_a_non_positive_num_dims() -> None:
+    """num_dims is a positive count: 0 and -1 raise ValueError instead of giving inf or a
+    negated value."""
+    log_prob = torch.tensor([-10.0], dtype=DTYPE)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_dims"):
+            bits_per_dim(log_prob, num_dims=bad)
+    assert math.isclose(float(bits_per_dim(log_prob, num_dims=5)), 10.0 / (5 * math.log(2.0)), rel_tol=1e-15)
+
+
+def test_unsqueeze_rejects_a_channel_count_not_divisible_by_four() -> None:
+    """Unsqueeze (and Squeeze.inv) need C divisible by 4 and say so with a ValueError."""
+    y = torch.randn(2, 6, 2, 2, dtype=DTYPE)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Unsqueeze()(y)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        Squeeze().inv(y)
+
+
+def test_squeeze_rejects_an_odd_width() -> None:
+    """Squeeze needs an even height *and* an even width: an odd width alone raises ValueError."""
+    with pytest.raises(ValueError, match="even height and width"):
+        Squeeze()(torch.randn(2, 1, 4, 3, dtype=DTYPE))
+    with pytest.raises(ValueError, match="even height and width"):
+        Unsqueeze().inv(torch.randn(2, 1, 4, 3, dtype=DTYPE))
+
+
+def test_multiscale_iresnet_passes_alpha_to_its_logit_transform() -> None:
+    """multiscale_iresnet(levels=K, alpha=a) starts with the logit map y = logit(a + (1 - 2a) v / K)
+    with that margin a, not the default."""
+    from pyro_iresnet import LogitTransform, multiscale_iresnet
+
+    t = multiscale_iresnet((1, 4, 4), n_scales=1, n_blocks=1, hidden_channels=4, levels=17, alpha=0.2,
+                           logdet="exact").double()
+    logit = t.encoder.parts[0]
+    assert isinstance(logit, LogitTransform) and logit.alpha == 0.2
+    v = torch.rand(3, 1, 4, 4, dtype=DTYPE) * 17
+    assert torch.allclose(logit(v), torch.logit(0.2 + 0.6 * v / 17), atol=1e-12, rtol=0)
+
+
+def test_multiscale_iresnet_passes_kernel_sizes_to_every_block() -> None:
+    """Every block of multiscale_iresnet(kernel_sizes=ks) is a LipschitzCNN with len(ks)
+    convolutions of exactly those kernel sizes, in order."""
+    from pyro_iresnet import LipschitzCNN, SpectralNormConv2d, multiscale_iresnet
+
+    t = multiscale_iresnet((1, 8, 8), n_scales=2, n_blocks=1, hidden_channels=4, kernel_sizes=(1, 3))
+    nets = [m for m in t.modules() if isinstance(m, LipschitzCNN)]
+    assert len(nets) == 2
+    for net in nets:
+        convs = [m for m in net.modules() if isinstance(m, SpectralNormConv2d)]
+        assert [c.kernel_size for c in convs] == [1, 3]
+
+
+def test_lanczos_operator_norm_leaves_the_global_rng_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """conv_operator_norm on the Lanczos path (dense path disabled) starts from its own seeded
+    generator: torch's global RNG state is unchanged, and the value matches the dense one."""
+    import pyro_iresnet.conv as conv_module
+    from pyro_iresnet.conv import conv_operator_norm
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, 3, 3, dtype=DTYPE)
+    dense = conv_operator_norm(w, (2, 5, 5), padding=1)
+    monkeypatch.setattr(conv_module, "_DENSE_MAX_SIDE", 0)
+    state = torch.get_rng_state()
+    lanczos = conv_operator_norm(w, (2, 5, 5), padding=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert math.isclose(lanczos, dense, rel_tol=1e-9)

@@ -603,3 +603,37 @@ def test_conditional_transform_names_a_wrong_event_size() -> None:
     with pytest.raises(ValueError, match=r"must have shape \(\.\.\., 2\), got \(4, 5\)"):
         t(torch.randn(4, 5))
 
+
+def test_conditional_iresnet_passes_the_net_options_to_its_mlp() -> None:
+    """conditional_iresnet(coeff=, activation=, n_power_iterations=) builds its LipschitzMLP with
+    them: every linear layer has that coeff and step count, the activation is the one named, and
+    the certified Lipschitz constant is at most coeff**L (here 0.5**2, up to the 1% power-iteration
+    slack)."""
+    from torch import nn
+
+    from pyro_iresnet import conditional_iresnet, lipschitz_bound
+    from pyro_iresnet.lipschitz import SpectralNormLinear
+
+    torch.manual_seed(0)
+    t = conditional_iresnet(2, 3, hidden_dims=[8], coeff=0.5, n_power_iterations=3, activation="elu")
+    linear = [m for m in t.residual_net.modules() if isinstance(m, SpectralNormLinear)]
+    assert len(linear) == 2
+    assert all(m.coeff == 0.5 and m.n_power_iterations == 3 for m in linear)
+    assert any(isinstance(m, nn.ELU) for m in t.residual_net.modules())
+    assert lipschitz_bound(t.residual_net) <= 0.25 * 1.01**2
+
+
+def test_n_power_iterations_reaches_the_layers_of_every_builder() -> None:
+    """n_power_iterations is a net option of iresnet, conditional_iresnet and conv_iresnet: every
+    spectrally normalised layer of the built net runs that many steps per weight change."""
+    from pyro_iresnet import SpectralNormConv2d, conditional_iresnet, conv_iresnet, iresnet
+    from pyro_iresnet.lipschitz import SpectralNormLinear
+
+    torch.manual_seed(0)
+    for t, kind in (
+        (iresnet(2, hidden_dims=[8], n_power_iterations=3), SpectralNormLinear),
+        (conditional_iresnet(2, 3, hidden_dims=[8], n_power_iterations=3), SpectralNormLinear),
+        (conv_iresnet((2, 4, 4), hidden_channels=4, n_power_iterations=3), SpectralNormConv2d),
+    ):
+        layers = [m for m in t.modules() if isinstance(m, kind)]
+        assert layers and all(m.n_power_iterations == 3 for m in layers)

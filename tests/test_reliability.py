@@ -510,3 +510,14 @@ def test_numpy_bools_are_accepted_as_switches() -> None:
     assert check_bool("strict", np.bool_(True)) is True
     block = ResidualBlock(LipschitzMLP([2, 8, 2]), strict=np.True_, neumann_grad=np.False_)
     assert block.strict is True and block.neumann_grad is False
+
+
+def test_name_blocks_counts_a_block_reached_twice_once() -> None:
+    """A block reachable along two paths is counted once: it is block 0 of 1, named by one of its
+    paths."""
+    from pyro_iresnet import iresnet, name_blocks
+
+    t = iresnet(2)
+    names = name_blocks([t, t])
+    assert names == [t.block.name]
+    assert names[0] in ("0 of 1 (0.block)", "0 of 1 (1.block)")
