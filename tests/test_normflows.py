@@ -712,3 +712,15 @@ def test_conv_net_input_dtype_checked_first() -> None:
         with pytest.raises(TypeError, match=r"z has dtype torch\.float64 but the block's parameters are torch\.float"):
             layer.inverse(torch.randn(2, 2, 4, 4, dtype=torch.float64))
     assert layer.inverse(torch.randn(2, 2, 4, 4))[0].shape == (2, 2, 4, 4)
+
+
+def test_event_dim_of_a_convolutional_net_is_its_spatial_rank_plus_one() -> None:
+    """Without an ``event_shape``, a net's event dimensions are read from its convolutions: one
+    channel dimension plus one per spatial dimension of the kernel (Conv1d: 2, Conv2d: 3, Conv3d:
+    4); a net without convolutions has 1."""
+    from pyro_iresnet.normflows import _event_dim
+
+    assert _event_dim(nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ELU(), nn.Conv1d(4, 2, 3, padding=1))) == 2
+    assert _event_dim(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1))) == 3
+    assert _event_dim(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1))) == 4
+    assert _event_dim(nn.Sequential(nn.Linear(2, 2))) == 1
