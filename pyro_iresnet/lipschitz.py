@@ -100,7 +100,7 @@ def _restart_vector(like: Tensor) -> Tensor:
     generator: torch's global RNG is not drawn from). Generic, unlike a constant vector, which can lie
     in an invariant subspace that misses the top singular vector (a channel-symmetric kernel)."""
     x = torch.randn(like.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    return (x / torch.linalg.vector_norm(x)).to(like)
+    return _normalize_(x).to(like)
 
 
 class _SpectralNorm(nn.Module):
@@ -113,7 +113,7 @@ class _SpectralNorm(nn.Module):
 
     u: Tensor
     v: Tensor
-    _buffers_written: tuple[int, int, int, int] | None = None  # u, v as this layer last left them
+    _buffers_written: tuple[int, int | None, int, int | None] | None = None  # u, v as the layer left them
 
     def _init_spectral_norm(
         self,
