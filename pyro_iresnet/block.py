@@ -110,6 +110,10 @@ class ResidualBlock(nn.Module):
     the start of every training-mode call (forward, log-det or inverse) and is frozen within the
     call and its backward.
 
+    Under ``torch.compile`` each call of ``forward``, ``forward_and_logdet``, ``inverse`` and
+    ``inverse_and_logdet`` is a graph break and runs eagerly, so a model containing blocks compiles
+    (without ``fullgraph=True``) and gives the eager values and gradients.
+
     Args:
         net: The residual function $g$, mapping ``(N, *event)`` to ``(N, *event)`` sample-wise.
         event_dim: Number of trailing event dimensions (1 for vectors, 3 for images).
@@ -427,6 +431,7 @@ class ResidualBlock(nn.Module):
         return hutchinson_logdet(g, x, weights, probes, self.neumann_grad, needs_grad)
 
     # -- public API ------------------------------------------------------------------------
+    @torch.compiler.disable
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The explicit map $y = x + g(x)$, for ``x`` of shape ``(..., *event)``.
 
@@ -446,6 +451,7 @@ class ResidualBlock(nn.Module):
         self.refresh_lipschitz()
         return (x_flat + self.g(x_flat, context)).reshape(shape)
 
+    @torch.compiler.disable
     def forward_and_logdet(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$y = x + g(x)$ and $\log|\det \partial y/\partial x|$ of the batch shape.
 
@@ -471,6 +477,7 @@ class ResidualBlock(nn.Module):
         :meth:`forward_and_logdet`; the same arguments)."""
         return self.forward_and_logdet(x, context)[1]
 
+    @torch.compiler.disable
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         r"""$x$ with $x + g(x) = y$, differentiable in $y$, the context and $g$'s parameters
         (implicit gradient).
@@ -530,6 +537,7 @@ class ResidualBlock(nn.Module):
         self.last_diagnostics = Diagnostics(inverse=info)
         return x, fast
 
+    @torch.compiler.disable
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
         inverse map's log-det).
