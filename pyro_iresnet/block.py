@@ -18,10 +18,13 @@ from __future__ import annotations
 
 __all__ = ["Diagnostics", "ResidualBlock", "name_blocks"]
 
+import functools
 import inspect
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +57,33 @@ from .logdet import (
 LOGDET_METHODS = ("unbiased", "series", "exact")
 _CREATION_ORDER = itertools.count()
 EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _block_call(method: _Method) -> _Method:
+    """A public :class:`ResidualBlock` method that runs eagerly and in the parameters' precision.
+
+    * ``torch.compile``: the call is a graph break (tracing into the fused path or the series
+      estimators' double backward is not supported).
+    * Autocast: inside an autocast region for the input's device, autocast is off within the call
+      and floating tensor arguments (input, context) are cast to the parameters' dtype, as autocast
+      does for its float32 operations: the inverse's tolerance, the power iteration and the log-det
+      need that precision.
+    """
+
+    @functools.wraps(method)
+    def call(self: ResidualBlock, *args: Any, **kwargs: Any) -> Any:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        device_type = tensors[0].device.type if tensors else None
+        if device_type is None or not torch.is_autocast_enabled(device_type):
+            return method(self, *args, **kwargs)
+        cast = self._as_parameter_dtype
+        with torch.autocast(device_type, enabled=False):
+            return method(self, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
+
+    return torch.compiler.disable(call)
 
 
 @dataclass
@@ -112,7 +142,8 @@ class ResidualBlock(nn.Module):
 
     Under ``torch.compile`` each call of ``forward``, ``forward_and_logdet``, ``inverse`` and
     ``inverse_and_logdet`` is a graph break and runs eagerly, so a model containing blocks compiles
-    (without ``fullgraph=True``) and gives the eager values and gradients.
+    (without ``fullgraph=True``) and gives the eager values and gradients. Inside ``torch.autocast``
+    the calls switch autocast off and cast floating inputs to the parameters' dtype.
 
     Args:
         net: The residual function $g$, mapping ``(N, *event)`` to ``(N, *event)`` sample-wise.
@@ -301,6 +332,13 @@ class ResidualBlock(nn.Module):
         role = {"x": "input to the forward map", "y": "input to the inverse"}.get(name)
         return name if role is None else f"{name} ({role} of residual block {self.name})"
 
+    def _as_parameter_dtype(self, x: object) -> object:
+        """``x`` in the parameters' dtype if it is a floating tensor of another dtype (autocast)."""
+        param = next(self.net.parameters(), None)
+        if param is None or not isinstance(x, Tensor) or not x.is_floating_point():
+            return x
+        return x.to(param.dtype)
+
     def _check_tensor(self, x: Tensor, name: str) -> None:
         name = self._describe(name)
         if not isinstance(x, Tensor):
@@ -431,7 +469,7 @@ class ResidualBlock(nn.Module):
         return hutchinson_logdet(g, x, weights, probes, self.neumann_grad, needs_grad)
 
     # -- public API ------------------------------------------------------------------------
-    @torch.compiler.disable
+    @_block_call
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The explicit map $y = x + g(x)$, for ``x`` of shape ``(..., *event)``.
 
@@ -451,7 +489,7 @@ class ResidualBlock(nn.Module):
         self.refresh_lipschitz()
         return (x_flat + self.g(x_flat, context)).reshape(shape)
 
-    @torch.compiler.disable
+    @_block_call
     def forward_and_logdet(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$y = x + g(x)$ and $\log|\det \partial y/\partial x|$ of the batch shape.
 
@@ -477,7 +515,7 @@ class ResidualBlock(nn.Module):
         :meth:`forward_and_logdet`; the same arguments)."""
         return self.forward_and_logdet(x, context)[1]
 
-    @torch.compiler.disable
+    @_block_call
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         r"""$x$ with $x + g(x) = y$, differentiable in $y$, the context and $g$'s parameters
         (implicit gradient).
@@ -537,7 +575,7 @@ class ResidualBlock(nn.Module):
         self.last_diagnostics = Diagnostics(inverse=info)
         return x, fast
 
-    @torch.compiler.disable
+    @_block_call
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
         inverse map's log-det).
