@@ -79,3 +79,17 @@ def make_active_mlp(dims: list[int], coeff: float, dtype: torch.dtype = torch.fl
                 layer.bias.fill_(bias)
             layer._converge_power_iteration(rtol=1e-6)
     return net
+
+
+def small_normflows_model(**options) -> nn.Module:
+    """2 x [our normflows ``Residual`` (2-16-16-2, coeff 0.9), ActNorm] on a standard normal base,
+    built from seed 0; ``options`` go to ``Residual``."""
+    import normflows as nf
+
+    from pyro_iresnet.normflows import Residual
+
+    torch.manual_seed(0)
+    flows = []
+    for _ in range(2):
+        flows += [Residual(LipschitzMLP([2, 16, 16, 2], coeff=0.9), **options), nf.flows.ActNorm(2)]
+    return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)

@@ -8,24 +8,15 @@ inverse tolerance is out of reach (the solve ran to ``max_iter`` and warned).
 
 from __future__ import annotations
 
-import normflows as nf
 import pyro.distributions as dist
 import pytest
 import torch
 
 from pyro_iresnet import LipschitzMLP, ResidualBlock, conditional_iresnet, iresnet
-from pyro_iresnet.normflows import Residual
+from tests.conftest import small_normflows_model
 
 AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16}
 DATA = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
-
-
-def _normflows_model(**options) -> nf.NormalizingFlow:
-    torch.manual_seed(0)
-    flows = []
-    for _ in range(2):
-        flows += [Residual(LipschitzMLP([2, 16, 16, 2], coeff=0.9), **options), nf.flows.ActNorm(2)]
-    return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
 
 
 def _both(run) -> None:
@@ -45,7 +36,7 @@ def _both(run) -> None:
                          ids=["fused", "generic", "exact"])
 def test_normflows_training_and_sampling(options):
     def run(autocast):
-        model = _normflows_model(**options).train()
+        model = small_normflows_model(**options).train()
         with torch.autocast(**AUTOCAST, enabled=autocast):
             loss = model.forward_kld(DATA)
         loss.backward()

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import shutil
 
-import normflows as nf
 import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_iresnet import LipschitzMLP, conditional_iresnet, iresnet, multiscale_iresnet
-from pyro_iresnet.normflows import Residual
+from pyro_iresnet import conditional_iresnet, iresnet, multiscale_iresnet
+from tests.conftest import small_normflows_model
 
 # raised inside dynamo while it inspects the traced tensors, not by our code
 pytestmark = pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")
@@ -46,21 +45,13 @@ def _same(run, backend: str = "aot_eager") -> None:
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
-def _normflows_model(**options) -> nf.NormalizingFlow:
-    torch.manual_seed(0)
-    flows = []
-    for _ in range(2):
-        flows += [Residual(LipschitzMLP([2, 16, 16, 2], coeff=0.9), **options), nf.flows.ActNorm(2)]
-    return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
-
-
 DATA = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
 
 
 @pytest.mark.parametrize("options", [{}, {"fused": False}], ids=["fused", "generic"])
 def test_normflows_training_step_and_sampling(options):
     def run(compile):
-        model = _normflows_model(**options).train()
+        model = small_normflows_model(**options).train()
         loss = compile(model.forward_kld)(DATA)  # roulette series, memory-saving backward
         loss.backward()
         model.eval()
@@ -127,7 +118,7 @@ def test_pyro_multiscale_log_prob():
                     reason="inductor's CPU backend needs a C++ compiler")
 def test_normflows_training_step_with_inductor():
     def run(compile):
-        model = _normflows_model().train()
+        model = small_normflows_model().train()
         loss = compile(model.forward_kld)(DATA)
         loss.backward()
         return [loss.detach(), *_grads(model)]
