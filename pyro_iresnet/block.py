@@ -62,24 +62,30 @@ EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 
 
-def _block_call(method: _Method) -> _Method:
-    """A public :class:`ResidualBlock` method that runs eagerly and in the parameters' precision.
+def _eager_in_parameter_dtype(method: _Method) -> _Method:
+    """A public method of a module holding a residual block (:class:`ResidualBlock`, the normflows
+    layer): it runs eagerly and in the parameters' precision.
 
     * ``torch.compile``: the call is a graph break (tracing into the fused path or the series
       estimators' double backward is not supported).
-    * Autocast: inside an autocast region for the input's device, autocast is off within the call
+    * Autocast: inside an autocast region for the inputs' device, autocast is off within the call
       and floating tensor arguments (input, context) are cast to the parameters' dtype, as autocast
       does for its float32 operations: the inverse's tolerance, the power iteration and the log-det
       need that precision.
     """
 
     @functools.wraps(method)
-    def call(self: ResidualBlock, *args: Any, **kwargs: Any) -> Any:
+    def call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
         device_type = tensors[0].device.type if tensors else None
         if device_type is None or not torch.is_autocast_enabled(device_type):
             return method(self, *args, **kwargs)
-        cast = self._as_parameter_dtype
+        param = next(self.parameters(), None)
+
+        def cast(a: Any) -> Any:
+            floating = isinstance(a, Tensor) and a.is_floating_point()
+            return a.to(param.dtype) if floating and param is not None else a
+
         with torch.autocast(device_type, enabled=False):
             return method(self, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 
@@ -332,13 +338,6 @@ class ResidualBlock(nn.Module):
         role = {"x": "input to the forward map", "y": "input to the inverse"}.get(name)
         return name if role is None else f"{name} ({role} of residual block {self.name})"
 
-    def _as_parameter_dtype(self, x: object) -> object:
-        """``x`` in the parameters' dtype if it is a floating tensor of another dtype (autocast)."""
-        param = next(self.net.parameters(), None)
-        if param is None or not isinstance(x, Tensor) or not x.is_floating_point():
-            return x
-        return x.to(param.dtype)
-
     def _check_tensor(self, x: Tensor, name: str) -> None:
         name = self._describe(name)
         if not isinstance(x, Tensor):
@@ -469,7 +468,7 @@ class ResidualBlock(nn.Module):
         return hutchinson_logdet(g, x, weights, probes, self.neumann_grad, needs_grad)
 
     # -- public API ------------------------------------------------------------------------
-    @_block_call
+    @_eager_in_parameter_dtype
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The explicit map $y = x + g(x)$, for ``x`` of shape ``(..., *event)``.
 
@@ -489,7 +488,7 @@ class ResidualBlock(nn.Module):
         self.refresh_lipschitz()
         return (x_flat + self.g(x_flat, context)).reshape(shape)
 
-    @_block_call
+    @_eager_in_parameter_dtype
     def forward_and_logdet(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$y = x + g(x)$ and $\log|\det \partial y/\partial x|$ of the batch shape.
 
@@ -515,7 +514,7 @@ class ResidualBlock(nn.Module):
         :meth:`forward_and_logdet`; the same arguments)."""
         return self.forward_and_logdet(x, context)[1]
 
-    @_block_call
+    @_eager_in_parameter_dtype
     def inverse(self, y: Tensor, context: Tensor | None = None) -> Tensor:
         r"""$x$ with $x + g(x) = y$, differentiable in $y$, the context and $g$'s parameters
         (implicit gradient).
@@ -575,7 +574,7 @@ class ResidualBlock(nn.Module):
         self.last_diagnostics = Diagnostics(inverse=info)
         return x, fast
 
-    @_block_call
+    @_eager_in_parameter_dtype
     def inverse_and_logdet(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         r"""$x = $ ``inverse(y)`` and the log-det of the *explicit* map at $x$ (negate it for the
         inverse map's log-det).

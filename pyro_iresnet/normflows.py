@@ -35,7 +35,7 @@ from normflows.flows import Flow
 from normflows.nets.lipschitz import InducedNormConv2d, InducedNormLinear, LipschitzCNN, LipschitzMLP, Swish
 from torch import Tensor, nn
 
-from .block import ResidualBlock
+from .block import ResidualBlock, _eager_in_parameter_dtype
 from .conv import conv_operator_norm
 from .errors import check_choice, check_positive_finite, check_positive_int, check_probability
 from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
@@ -300,6 +300,7 @@ class Residual(Flow):
     def lamb(self, value: float) -> None:
         self.block.lam = _check_lamb(value)
 
+    @_eager_in_parameter_dtype
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         r"""Sampling direction: $f^{-1}$ (fixed point) if ``reverse`` else $f$; returns
         ``(z', log_det)`` with ``log_det`` of shape ``(batch,)``.
@@ -316,6 +317,7 @@ class Residual(Flow):
         """
         return self._solve(z) if self.reverse else self._explicit(z)
 
+    @_eager_in_parameter_dtype
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         r"""Density direction: $f$ if ``reverse`` else $f^{-1}$; returns ``(z', log_det)``.
 

@@ -87,3 +87,34 @@ def test_outside_autocast_a_dtype_mismatch_still_raises():
     block = ResidualBlock(LipschitzMLP([2, 8, 2]))
     with pytest.raises(TypeError, match="dtype torch.bfloat16 but the block's parameters are torch.float32"):
         block(DATA.bfloat16())
+
+
+def test_normflows_own_nets_refresh_their_power_iteration_outside_autocast(monkeypatch):
+    """With normflows' ``LipschitzMLP`` the layer refreshes normflows' power iteration before the
+    block runs (``compute_weight(update=True)``); that refresh runs with autocast off too (CPU
+    autocast leaves its matrix-vector products in float32 anyway, CUDA's would not), and the
+    results equal those outside autocast."""
+    import normflows as nf
+
+    from pyro_iresnet.normflows import Residual
+
+    autocast_during_refresh = []
+    compute_weight = nf.nets.lipschitz.InducedNormLinear.compute_weight
+
+    def recording(layer, *args, **kwargs):
+        autocast_during_refresh.append(torch.is_autocast_enabled("cpu"))
+        return compute_weight(layer, *args, **kwargs)
+
+    monkeypatch.setattr(nf.nets.lipschitz.InducedNormLinear, "compute_weight", recording)
+
+    def run(autocast):
+        torch.manual_seed(0)
+        layer = Residual(nf.nets.LipschitzMLP([2, 16, 16, 2], init_zeros=False), logdet="exact")
+        with torch.autocast(**AUTOCAST, enabled=autocast):
+            z, log_det = layer.inverse(DATA)
+        log_det.sum().backward()
+        return [z.detach(), log_det.detach(), *(b.clone() for b in layer.buffers()),
+                *(p.grad for p in layer.parameters() if p.grad is not None)]
+
+    _both(run)
+    assert autocast_during_refresh and not any(autocast_during_refresh)
