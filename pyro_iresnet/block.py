@@ -149,7 +149,10 @@ class ResidualBlock(nn.Module):
     Under ``torch.compile`` each call of ``forward``, ``forward_and_logdet``, ``inverse`` and
     ``inverse_and_logdet`` is a graph break and runs eagerly, so a model containing blocks compiles
     (without ``fullgraph=True``) and gives the eager values and gradients. Inside ``torch.autocast``
-    the calls switch autocast off and cast floating inputs to the parameters' dtype.
+    the calls switch autocast off and cast floating inputs to the parameters' dtype. Second
+    derivatives (``create_graph=True``) are exact on the generic path's explicit direction with
+    ``logdet="exact"`` or ``neumann_grad=False`` (and ``memory_efficient=False``); through the other
+    paths they raise a ``RuntimeError`` (:mod:`pyro_iresnet.first_order`).
 
     Args:
         net: The residual function $g$, mapping ``(N, *event)`` to ``(N, *event)`` sample-wise.
@@ -465,7 +468,8 @@ class ResidualBlock(nn.Module):
                 return hutchinson_logdet(g, x_leaf, weights, probes, self.neumann_grad, True)
 
             return backward_in_forward(estimator, x, self._params())
-        return hutchinson_logdet(g, x, weights, probes, self.neumann_grad, needs_grad)
+        inputs = [t for t in (*self._params(), context) if t is not None and t.requires_grad]
+        return hutchinson_logdet(g, x, weights, probes, self.neumann_grad, needs_grad, params=inputs)
 
     # -- public API ------------------------------------------------------------------------
     @_eager_in_parameter_dtype

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from .first_order import first_order_backward
 from .lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear
 from .logdet import _upcast_half
 
@@ -537,10 +537,15 @@ class _FusedLogdet(torch.autograd.Function):
         # keep the pre-activations (the backward recomputes the activations and slopes from them,
         # the same values) and, where the Jacobian gave them for free, the second-layer products
         ctx.spec, ctx.x, ctx.zs, ctx.extra, ctx.p_second = spec, cache.x, cache.zs, extra, p_second
+        ctx.save_for_backward(x, *tensors)  # only for the second-derivative error
         return gx, logdet
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward(
+        "The fused log-det of a LipschitzMLP block",
+        "Use fused=False with logdet='exact', or with neumann_grad=False and memory_efficient=False.",
+        lambda ctx: ctx.saved_tensors,
+    )
     def backward(ctx, grad_gx: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:
         spec = ctx.spec
         cache = _recompute(spec.mlp, ctx.x, ctx.zs)
@@ -566,7 +571,8 @@ def fused_logdet(
     probes: Sequence[Tensor] = (),
     neumann_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    r"""$g(x)$ and the per-sample log-det estimate, differentiable in ``x`` and ``mlp.tensors()``.
+    r"""$g(x)$ and the per-sample log-det estimate, differentiable in ``x`` and ``mlp.tensors()``
+    (first derivatives only: differentiating them again raises, see :mod:`pyro_iresnet.first_order`).
 
     The estimate is $\log\det(I + J_g(x_n))$ (``"exact"``) or, with probes $v_1..v_P$,
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .errors import check_positive_int
+from .first_order import first_order_backward
 from .fused import (
     _LIPSWISH_SCALE,
     FusedMLP,
@@ -39,7 +39,15 @@ from .fused import (
     _logabsdet,
     _scratch,
 )
-from .inverse import _COMPACT_FRACTION, SolveInfo, _finished, _max_abs, _residual_tolerance, _tolerances
+from .inverse import (
+    _COMPACT_FRACTION,
+    _INVERSE_INSTEAD,
+    SolveInfo,
+    _finished,
+    _max_abs,
+    _residual_tolerance,
+    _tolerances,
+)
 from .inverse import _report as report_nonconvergence
 
 
@@ -249,13 +257,13 @@ class _NewtonInverse(torch.autograd.Function):
         if not info.converged:
             report_nonconvergence(info, "Newton inverse", config.strict, config.lipschitz())
         ctx.mlp = mlp
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *tensors)
         return x
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("The Newton inverse's implicit gradient", _INVERSE_INSTEAD, lambda ctx: ctx.saved_tensors)
     def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, ...]:
-        (x,) = ctx.saved_tensors
+        x = ctx.saved_tensors[0]
         _, cache = _forward(ctx.mlp, x)
         inv_t = _inverse(_jacobian(ctx.mlp, cache)[0]).mT
         u = torch.bmm(inv_t, grad_x.unsqueeze(-1)).squeeze(-1)  # u = (I + J)^{-T} grad_x
@@ -279,7 +287,8 @@ def newton_inverse(
     Stops per sample on the residual $\|x + g(x) - y\|_\infty \le \mathrm{atol} +
     \mathrm{rtol}\|y\|_\infty$ (defaults from :func:`~pyro_iresnet.inverse.default_tolerances`).
     Differentiable in ``y`` and ``mlp.tensors()`` by the implicit function theorem, with the adjoint
-    $u = (I + J_g)^{-\top} \bar x$ solved exactly rather than iterated. Meant for small $d$ (a
+    $u = (I + J_g)^{-\top} \bar x$ solved exactly rather than iterated (first derivatives only:
+    differentiating them again raises, see :mod:`pyro_iresnet.first_order`). Meant for small $d$ (a
     Jacobian costs $d$ Jacobian-vector products; the $d \times d$ inverse is in closed form for
     $d \le 2$).
 

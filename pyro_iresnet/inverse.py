@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConvergenceError, ConvergenceWarning, check_choice, check_positive_int, check_tolerance
+from .first_order import first_order_backward
 from .logdet import _upcast_half
 
 Net = Callable[[Tensor], Tensor]
@@ -290,6 +291,13 @@ def _solve(config: _Config, g: Net, y: Tensor, context: Tensor | None) -> Tensor
     return x
 
 
+_INVERSE_INSTEAD = (
+    "Second derivatives through the inverse are not supported: differentiate the explicit direction "
+    "instead (a Pyro density with ComposeTransform(blocks).inv, normflows' Residual with reverse=True), "
+    "with fused=False."
+)
+
+
 class _ImplicitInverse(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config: _Config, g: Net, y: Tensor, context: Tensor | None, *params: Tensor) -> Tensor:
@@ -299,6 +307,9 @@ class _ImplicitInverse(torch.autograd.Function):
         return x
 
     @staticmethod
+    @first_order_backward(
+        "The fixed-point inverse's implicit gradient", _INVERSE_INSTEAD, lambda ctx: ctx.saved_tensors
+    )
     def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, ...]:
         x, *params = ctx.saved_tensors
         context = params.pop(0) if ctx.has_context else None
@@ -342,7 +353,8 @@ def fixed_point_inverse(
     strict: bool = False,
     lipschitz: Callable[[], float | None] = lambda: None,
 ) -> tuple[Tensor, SolveInfo]:
-    r"""Solve $x + g(x) = y$ for $x$, differentiably in $y$ and ``params`` (implicit gradient).
+    r"""Solve $x + g(x) = y$ for $x$, differentiably in $y$ and ``params`` (implicit gradient; first
+    derivatives only: differentiating them again raises, see :mod:`pyro_iresnet.first_order`).
 
     Args:
         g: Contraction, maps ``(N, *event)`` to ``(N, *event)`` sample-wise.

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .errors import check_choice, check_positive_int
+from .first_order import first_order_backward
 
 Net = Callable[[Tensor], Tensor]
 Estimator = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -304,6 +305,7 @@ def hutchinson_logdet(
     probes: Sequence[Tensor],
     neumann_grad: bool,
     create_graph: bool,
+    params: Sequence[Tensor] = (),
 ) -> tuple[Tensor, Tensor]:
     r"""$g(x)$ and $\sum_k \frac{(-1)^{k+1}}{k} w_k\, v^\top J^k v$ averaged over the probes $v$.
 
@@ -315,6 +317,11 @@ def hutchinson_logdet(
         neumann_grad: Differentiate through the Neumann series with one VJP (memory flat in $n$)
             instead of through the $n$ VJPs. The value is the same series estimate either way.
         create_graph: Whether the returned log-det must be differentiable.
+        params: With ``neumann_grad`` and ``create_graph``: every tensor other than ``x`` that $g$
+            depends on and that needs a gradient (its parameters, a context). The log-det then
+            reaches them through a Function whose gradient cannot be differentiated again (it
+            raises), since the Neumann gradient is exact only to first order. Without them the
+            log-det carries a surrogate whose second derivatives are not the estimator's.
 
     Returns:
         ``g(x)`` and the log-det estimates of shape ``(N,)``.
@@ -344,7 +351,7 @@ def hutchinson_logdet(
         total = x.new_zeros(x.shape[0])
         for v in probes:
             if neumann_grad:
-                total = total + _neumann_term(gx, x, v, coeffs, create_graph)
+                total = total + _neumann_term(gx, x, v, coeffs, create_graph, params)
             else:
                 vk = v
                 for c in coeffs:
@@ -356,8 +363,11 @@ def hutchinson_logdet(
     return gx, logdet
 
 
-def _neumann_term(gx: Tensor, x: Tensor, v: Tensor, coeffs: list[float], create_graph: bool) -> Tensor:
-    r"""Series value for one probe, with gradient $\nabla (u^\top J v)$, $u = \sum_k k c_k (J^\top)^{k-1} v$."""
+def _neumann_term(
+    gx: Tensor, x: Tensor, v: Tensor, coeffs: list[float], create_graph: bool, params: Sequence[Tensor] = ()
+) -> Tensor:
+    r"""Series value for one probe, with gradient $\nabla (u^\top J v)$, $u = \sum_k k c_k (J^\top)^{k-1} v$
+    (first order only when ``params`` are given, see :func:`hutchinson_logdet`)."""
     with torch.no_grad():
         vk, value, neumann = v, 0.0, torch.zeros_like(v)
         for k, c in enumerate(coeffs, start=1):
@@ -368,7 +378,28 @@ def _neumann_term(gx: Tensor, x: Tensor, v: Tensor, coeffs: list[float], create_
         return value
     (jtu,) = torch.autograd.grad(gx, x, neumann, create_graph=True, retain_graph=True)
     surrogate = _per_sample_dot(jtu, v)
+    if params:
+        return _NeumannGradient.apply(value, surrogate, x, *params)
     return value + (surrogate - surrogate.detach())
+
+
+class _NeumannGradient(torch.autograd.Function):
+    """The series value, differentiated as the surrogate $u^\top J v$ (exact to first order)."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, surrogate: Tensor, *inputs: Tensor) -> Tensor:
+        ctx.surrogate, ctx.inputs = surrogate, inputs
+        return value.clone()
+
+    @staticmethod
+    @first_order_backward(
+        "The Neumann-series gradient (neumann_grad=True)",
+        "Use neumann_grad=False or logdet='exact' (with fused=False).",
+        lambda ctx: ctx.inputs,
+    )
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grads = torch.autograd.grad(ctx.surrogate, ctx.inputs, grad, retain_graph=True, allow_unused=True)
+        return (None, None, *grads)
 
 
 class _BackwardInForward(torch.autograd.Function):
@@ -382,9 +413,15 @@ class _BackwardInForward(torch.autograd.Function):
             grads = torch.autograd.grad(logdet.sum(), (x_leaf, *params), retain_graph=True, allow_unused=True)
         ctx.estimator, ctx.x_leaf, ctx.gx, ctx.params = estimator, x_leaf, gx, params
         ctx.logdet_grads = grads
+        ctx.save_for_backward(x)
         return gx.detach(), logdet.detach()
 
     @staticmethod
+    @first_order_backward(
+        "The memory-saving backward (memory_efficient=True; normflows: reduce_memory=True)",
+        "Use memory_efficient=False with fused=False and logdet='exact' or neumann_grad=False.",
+        lambda ctx: (*ctx.saved_tensors, *ctx.params),
+    )
     def backward(ctx, grad_gx: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:
         x_leaf, params = ctx.x_leaf, ctx.params
         grad_x_logdet, *grad_params_logdet = ctx.logdet_grads
@@ -413,7 +450,8 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 def backward_in_forward(estimator: Estimator, x: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     r"""Run ``estimator`` (deterministic: its probes and weights fixed) and compute its gradients
-    with respect to ``x`` and ``params`` now, freeing the log-det's graph.
+    with respect to ``x`` and ``params`` now, freeing the log-det's graph. First derivatives only:
+    differentiating them again raises (:mod:`pyro_iresnet.first_order`).
 
     The backward combines the stored gradients with the upstream gradient: per sample for ``x``;
     for parameters directly when all samples carry the same upstream weight (a batch mean), else
