@@ -417,3 +417,19 @@ def test_a_net_with_a_positional_only_context_argument_gets_the_context() -> Non
     for i in range(4):
         jac = torch.autograd.functional.jacobian(lambda z, ci=c[i]: z + net(z, ci), x[i])
         assert math.isclose(float(logdet[i].detach()), float(torch.linalg.slogdet(jac)[1]), abs_tol=1e-12)
+
+
+def test_torch_func_grad_and_vmap_on_the_generic_explicit_direction() -> None:
+    """docs/troubleshooting.md: ``torch.func.grad`` works on the generic path, and ``vmap(grad)``
+    too with ``check_finite=False``; both equal plain autograd."""
+    block = ResidualBlock(LipschitzMLP([2, 8, 2], coeff=0.9), logdet="exact", fused=False, check_finite=False).eval()
+
+    def log_density(x: torch.Tensor) -> torch.Tensor:
+        y, logdet = block.forward_and_logdet(x[None])
+        return -0.5 * y.pow(2).sum() + logdet.sum()
+
+    x = torch.randn(3, 2)
+    x_leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(sum(log_density(row) for row in x_leaf), x_leaf)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(log_density))(x), expected)
+    torch.testing.assert_close(torch.func.grad(log_density)(x[0]), expected[0])
