@@ -60,6 +60,10 @@ EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
+# torch.compiler.disable imports torch._dynamo when it decorates (about 1 s at import time); torch's
+# own lazy variant imports it on the first call instead (the public one if a torch lacks it)
+_disable_dynamo = getattr(torch, "_disable_dynamo", torch.compiler.disable)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _eager_in_parameter_dtype(method: _Method) -> _Method:
@@ -69,9 +73,9 @@ def _eager_in_parameter_dtype(method: _Method) -> _Method:
     * ``torch.compile``: the call is a graph break (tracing into the fused path or the series
       estimators' double backward is not supported).
     * Autocast: inside an autocast region for the inputs' device, autocast is off within the call
-      and floating tensor arguments (input, context) are cast to the parameters' dtype, as autocast
-      does for its float32 operations: the inverse's tolerance, the power iteration and the log-det
-      need that precision.
+      and float16/bfloat16 tensor arguments (input, context) are cast to the parameters' dtype, as
+      autocast does for its float32 operations: the inverse's tolerance, the power iteration and the
+      log-det need that precision (other dtypes are left alone, and a mismatch still raises).
     """
 
     @functools.wraps(method)
@@ -83,13 +87,13 @@ def _eager_in_parameter_dtype(method: _Method) -> _Method:
         param = next(self.parameters(), None)
 
         def cast(a: Any) -> Any:
-            floating = isinstance(a, Tensor) and a.is_floating_point()
-            return a.to(param.dtype) if floating and param is not None else a
+            low = isinstance(a, Tensor) and a.dtype in _LOW_PRECISION
+            return a.to(param.dtype) if low and param is not None else a
 
         with torch.autocast(device_type, enabled=False):
             return method(self, *map(cast, args), **{k: cast(v) for k, v in kwargs.items()})
 
-    return torch.compiler.disable(call)
+    return _disable_dynamo(call)
 
 
 @dataclass
@@ -149,7 +153,7 @@ class ResidualBlock(nn.Module):
     Under ``torch.compile`` each call of ``forward``, ``forward_and_logdet``, ``inverse`` and
     ``inverse_and_logdet`` is a graph break and runs eagerly, so a model containing blocks compiles
     (without ``fullgraph=True``) and gives the eager values and gradients. Inside ``torch.autocast``
-    the calls switch autocast off and cast floating inputs to the parameters' dtype. Second
+    the calls switch autocast off and cast float16/bfloat16 inputs to the parameters' dtype. Second
     derivatives (``create_graph=True``) are exact on the generic path's explicit direction with
     ``logdet="exact"`` or ``neumann_grad=False`` (and ``memory_efficient=False``); through the other
     paths they raise a ``RuntimeError`` (:mod:`pyro_iresnet.first_order`).

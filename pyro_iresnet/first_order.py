@@ -27,15 +27,24 @@ from torch import Tensor
 
 Backward = Callable[..., Any]
 
+# what supports second derivatives (plain autograd on the explicit direction)
+USE_THE_GENERIC_PATH = (
+    "Use fused=False, memory_efficient=False (normflows: reduce_memory=False) and logdet='exact' or "
+    "neumann_grad=False."
+)
+
 
 class _SecondDerivativeError(torch.autograd.Function):
     """Identity on the gradients ``tensors[:n]``; differentiating the result raises. The other
     tensors (anchors) only connect the result to whatever a second derivative may be taken for."""
 
     @staticmethod
-    def forward(ctx, message: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
-        ctx.message = message
+    def forward(message: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.message = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple[None, ...]:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .first_order import first_order_backward
+from .first_order import USE_THE_GENERIC_PATH, first_order_backward
 from .lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear
 from .logdet import _upcast_half
 
@@ -543,7 +543,7 @@ class _FusedLogdet(torch.autograd.Function):
     @staticmethod
     @first_order_backward(
         "The fused log-det of a LipschitzMLP block",
-        "Use fused=False with logdet='exact', or with neumann_grad=False and memory_efficient=False.",
+        USE_THE_GENERIC_PATH,
         lambda ctx: ctx.saved_tensors,
     )
     def backward(ctx, grad_gx: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConvergenceError, ConvergenceWarning, check_choice, check_positive_int, check_tolerance
-from .first_order import first_order_backward
+from .first_order import USE_THE_GENERIC_PATH, first_order_backward
 from .logdet import _upcast_half
 
 Net = Callable[[Tensor], Tensor]
@@ -292,9 +292,9 @@ def _solve(config: _Config, g: Net, y: Tensor, context: Tensor | None) -> Tensor
 
 
 _INVERSE_INSTEAD = (
-    "Second derivatives through the inverse are not supported: differentiate the explicit direction "
-    "instead (a Pyro density with ComposeTransform(blocks).inv, normflows' Residual with reverse=True), "
-    "with fused=False."
+    "Second derivatives through the inverse are not supported: put the explicit maps on the density "
+    "direction (Pyro: ComposeTransform(blocks).inv; normflows: Residual(reverse=True)). "
+    + USE_THE_GENERIC_PATH
 )
 
 

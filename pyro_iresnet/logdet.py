@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .errors import check_choice, check_positive_int
-from .first_order import first_order_backward
+from .first_order import USE_THE_GENERIC_PATH, first_order_backward
 
 Net = Callable[[Tensor], Tensor]
 Estimator = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -305,7 +305,7 @@ def hutchinson_logdet(
     probes: Sequence[Tensor],
     neumann_grad: bool,
     create_graph: bool,
-    params: Sequence[Tensor] = (),
+    params: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""$g(x)$ and $\sum_k \frac{(-1)^{k+1}}{k} w_k\, v^\top J^k v$ averaged over the probes $v$.
 
@@ -317,11 +317,11 @@ def hutchinson_logdet(
         neumann_grad: Differentiate through the Neumann series with one VJP (memory flat in $n$)
             instead of through the $n$ VJPs. The value is the same series estimate either way.
         create_graph: Whether the returned log-det must be differentiable.
-        params: With ``neumann_grad`` and ``create_graph``: every tensor other than ``x`` that $g$
-            depends on and that needs a gradient (its parameters, a context). The log-det then
-            reaches them through a Function whose gradient cannot be differentiated again (it
-            raises), since the Neumann gradient is exact only to first order. Without them the
-            log-det carries a surrogate whose second derivatives are not the estimator's.
+        params: With ``neumann_grad`` and ``create_graph``: the tensors other than ``x`` that $g$
+            depends on and that need gradients (its parameters, a context; possibly none). The
+            Neumann gradient is exact only to first order: given a sequence, a second derivative
+            with respect to ``x`` or these tensors raises. ``None`` (default) leaves the plain
+            surrogate, whose second derivatives are not the estimator's.
 
     Returns:
         ``g(x)`` and the log-det estimates of shape ``(N,)``.
@@ -364,10 +364,10 @@ def hutchinson_logdet(
 
 
 def _neumann_term(
-    gx: Tensor, x: Tensor, v: Tensor, coeffs: list[float], create_graph: bool, params: Sequence[Tensor] = ()
+    gx: Tensor, x: Tensor, v: Tensor, coeffs: list[float], create_graph: bool, params: Sequence[Tensor] | None = None
 ) -> Tensor:
     r"""Series value for one probe, with gradient $\nabla (u^\top J v)$, $u = \sum_k k c_k (J^\top)^{k-1} v$
-    (first order only when ``params`` are given, see :func:`hutchinson_logdet`)."""
+    (second derivatives raise when ``params`` is a sequence, see :func:`hutchinson_logdet`)."""
     with torch.no_grad():
         vk, value, neumann = v, 0.0, torch.zeros_like(v)
         for k, c in enumerate(coeffs, start=1):
@@ -378,28 +378,32 @@ def _neumann_term(
         return value
     (jtu,) = torch.autograd.grad(gx, x, neumann, create_graph=True, retain_graph=True)
     surrogate = _per_sample_dot(jtu, v)
-    if params:
-        return _NeumannGradient.apply(value, surrogate, x, *params)
-    return value + (surrogate - surrogate.detach())
+    estimate = value + (surrogate - surrogate.detach())
+    if params is not None:
+        return _NeumannGradient.apply(estimate, x, *params)
+    return estimate
 
 
 class _NeumannGradient(torch.autograd.Function):
-    """The series value, differentiated as the surrogate $u^\top J v$ (exact to first order)."""
+    """Identity on the series estimate (its value plus the zero-valued surrogate term whose gradient is
+    the Neumann gradient); it only makes a second derivative through the surrogate raise."""
 
     @staticmethod
-    def forward(ctx, value: Tensor, surrogate: Tensor, *inputs: Tensor) -> Tensor:
-        ctx.surrogate, ctx.inputs = surrogate, inputs
-        return value.clone()
+    def forward(estimate: Tensor, *inputs: Tensor) -> Tensor:
+        return estimate.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[1:])
 
     @staticmethod
     @first_order_backward(
         "The Neumann-series gradient (neumann_grad=True)",
-        "Use neumann_grad=False or logdet='exact' (with fused=False).",
-        lambda ctx: ctx.inputs,
+        USE_THE_GENERIC_PATH,
+        lambda ctx: ctx.saved_tensors,
     )
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        grads = torch.autograd.grad(ctx.surrogate, ctx.inputs, grad, retain_graph=True, allow_unused=True)
-        return (None, None, *grads)
+        return (grad, *(None for _ in ctx.saved_tensors))
 
 
 class _BackwardInForward(torch.autograd.Function):
@@ -419,7 +423,7 @@ class _BackwardInForward(torch.autograd.Function):
     @staticmethod
     @first_order_backward(
         "The memory-saving backward (memory_efficient=True; normflows: reduce_memory=True)",
-        "Use memory_efficient=False with fused=False and logdet='exact' or neumann_grad=False.",
+        USE_THE_GENERIC_PATH,
         lambda ctx: (*ctx.saved_tensors, *ctx.params),
     )
     def backward(ctx, grad_gx: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:

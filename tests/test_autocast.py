@@ -118,3 +118,11 @@ def test_normflows_own_nets_refresh_their_power_iteration_outside_autocast(monke
 
     _both(run)
     assert autocast_during_refresh and not any(autocast_during_refresh)
+
+
+def test_only_lower_precision_inputs_are_cast():
+    """Autocast leaves float64 alone, and so does the block: a float64 input to a float32 block
+    still raises inside autocast."""
+    block = ResidualBlock(LipschitzMLP([2, 8, 2]))
+    with torch.autocast(**AUTOCAST), pytest.raises(TypeError, match="dtype torch.float64"):
+        block(DATA.double())

@@ -433,3 +433,17 @@ def test_torch_func_grad_and_vmap_on_the_generic_explicit_direction() -> None:
     (expected,) = torch.autograd.grad(sum(log_density(row) for row in x_leaf), x_leaf)
     torch.testing.assert_close(torch.func.vmap(torch.func.grad(log_density))(x), expected)
     torch.testing.assert_close(torch.func.grad(log_density)(x[0]), expected[0])
+
+
+def test_torch_func_grad_through_the_generic_neumann_gradient() -> None:
+    block = ResidualBlock(LipschitzMLP([2, 8, 2], coeff=0.9), logdet="unbiased", fused=False).train()
+
+    def log_density(x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(3)  # the same roulette draw and probes in both calls
+        y, logdet = block.forward_and_logdet(x)
+        return (-0.5 * y.pow(2).sum(-1) + logdet).sum()
+
+    x = torch.randn(3, 2)
+    x_leaf = x.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(log_density(x_leaf), x_leaf)
+    torch.testing.assert_close(torch.func.grad(log_density)(x), expected)

@@ -116,3 +116,35 @@ def test_first_derivatives_are_the_same_with_create_graph(options):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(b.detach(), a, atol=0, rtol=0)
+
+
+def test_frozen_parameters_still_raise_through_the_neumann_gradient():
+    block = _block(fused=False, logdet="unbiased", neumann_grad=True).requires_grad_(False)
+    with pytest.raises(RuntimeError, match="^The Neumann-series gradient"):
+        score, x = _score(block, X0)
+        torch.autograd.grad(score.sum(), x)
+
+
+def test_neumann_first_derivatives_when_the_input_depends_on_the_parameters():
+    """With one series term the Neumann surrogate is the estimator itself, so its gradients equal
+    plain autograd's, also when the log-det's input depends on the same parameters (the density
+    through the inverse, a conditional transform)."""
+    import pyro.distributions as dist
+
+    from pyro_iresnet import conditional_iresnet
+
+    def gradients(neumann_grad):
+        torch.manual_seed(0)
+        transform = conditional_iresnet(2, 3, hidden_dims=[8], logdet="series", n_terms=1,
+                                        neumann_grad=neumann_grad).double()
+        context = torch.randn(3, dtype=DTYPE, requires_grad=True)
+        base = dist.Normal(torch.zeros(2, dtype=DTYPE), torch.ones(2, dtype=DTYPE)).to_event(1)
+        flow = dist.ConditionalTransformedDistribution(base, [transform]).condition(context)
+        torch.manual_seed(1)
+        inputs = [context, *transform.parameters()]
+        return torch.autograd.grad(flow.log_prob(X0).sum(), inputs, allow_unused=True)
+
+    for a, b in zip(gradients(True), gradients(False)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
