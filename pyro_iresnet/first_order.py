@@ -38,6 +38,8 @@ class _SecondDerivativeError(torch.autograd.Function):
     """Identity on the gradients ``tensors[:n]``; differentiating the result raises. The other
     tensors (anchors) only connect the result to whatever a second derivative may be taken for."""
 
+    generate_vmap_rule = True  # a clone: torch.func's transforms (jacrev) batch it themselves
+
     @staticmethod
     def forward(message: str, n: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tuple(t.clone() for t in tensors[:n])

@@ -388,6 +388,8 @@ class _NeumannGradient(torch.autograd.Function):
     """Identity on the series estimate (its value plus the zero-valued surrogate term whose gradient is
     the Neumann gradient); it only makes a second derivative through the surrogate raise."""
 
+    generate_vmap_rule = True  # a clone: torch.func's transforms (jacrev) batch it themselves
+
     @staticmethod
     def forward(estimate: Tensor, *inputs: Tensor) -> Tensor:
         return estimate.clone()

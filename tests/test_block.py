@@ -447,3 +447,19 @@ def test_torch_func_grad_through_the_generic_neumann_gradient() -> None:
     x_leaf = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(log_density(x_leaf), x_leaf)
     torch.testing.assert_close(torch.func.grad(log_density)(x), expected)
+
+
+def test_torch_func_jacrev_through_the_generic_neumann_gradient() -> None:
+    """``jacrev`` batches the Neumann path's identity Functions (their vmap rule is generated)."""
+    block = ResidualBlock(LipschitzMLP([2, 8, 2], coeff=0.9), logdet="unbiased", fused=False,
+                          check_finite=False).train()
+
+    def log_density(x: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(3)
+        y, logdet = block.forward_and_logdet(x)
+        return -0.5 * y.pow(2).sum(-1) + logdet
+
+    x = torch.randn(3, 2)
+    x_leaf = x.clone().requires_grad_(True)
+    expected = torch.stack([torch.autograd.grad(log_density(x_leaf)[n], x_leaf)[0] for n in range(3)])
+    torch.testing.assert_close(torch.func.jacrev(log_density)(x), expected)
