@@ -2,10 +2,11 @@ r"""Backward passes that give exact first derivatives but are not differentiable
 
 The implicit gradient of the inverse (Behrmann et al., 2019), the Neumann-series gradient, the
 backward-in-forward memory saving and the fused closed-form gradients (Chen et al., 2019) return
-first derivatives that are not functions of the inputs autograd can differentiate again. Under ``create_graph=True`` (score
-matching, gradient penalties, Hessian-vector products) their results would silently be treated as
-constants, giving wrong second derivatives. :func:`first_order_backward` makes differentiating
-them again raise a ``RuntimeError`` that names the part and what to use instead.
+first derivatives that are not functions of the inputs autograd can differentiate again. Under
+``create_graph=True`` (score matching, gradient penalties, Hessian-vector products) their results
+would silently be treated as constants, giving wrong second derivatives.
+:func:`first_order_backward` makes differentiating them again raise a ``RuntimeError`` that names
+the part and what to use instead.
 
 References:
     Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
