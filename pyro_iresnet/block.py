@@ -80,10 +80,10 @@ def _eager_in_parameter_dtype(method: _Method) -> _Method:
 
     @functools.wraps(method)
     def call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-        device_type = tensors[0].device.type if tensors else None
-        if device_type is None or not torch.is_autocast_enabled(device_type):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
+        if first is None or not torch.is_autocast_enabled(first.device.type):
             return method(self, *args, **kwargs)
+        device_type = first.device.type
         param = next(self.parameters(), None)
 
         def cast(a: Any) -> Any:
