@@ -14,7 +14,9 @@ squared-step stop, a step below about 3e-3 (1 + |y|)^(1/2); for comparison also 
 (exact log-det, eval mode) at equal wall-clock, linear between the evaluations. Each model trains
 on the same batches with its own torch RNG stream (roulette lengths, probes), so neither training
 curve depends on the other model's draws. normflows' net (``nf.nets.LipschitzMLP``) has one more
-Swish, before its first layer; ours starts with the linear layer.
+Swish, before its first layer; ours starts with the linear layer. With ``--ours-net normflows`` our
+layers run over normflows' own net instead (the one-import switch; both models then start from the
+same weights), whose power iteration runs its ``max_lipschitz_iter`` = 5 steps per weight change.
 Peak memory of one training step: the peak of the bytes held by torch tensors allocated during the
 step (after a warm-up step), from ``torch.profiler`` with ``profile_memory=True``.
 
@@ -22,6 +24,7 @@ Usage::
 
     python benchmarks/normflows_compare.py                  # full: 2,000 training steps
     python benchmarks/normflows_compare.py --steps 50 --eval-every 25 --timing-steps 5   # quick
+    python benchmarks/normflows_compare.py --ours-net normflows   # ours over normflows' own net
 """
 
 from __future__ import annotations
@@ -50,12 +53,17 @@ def two_moons(n: int, generator: torch.Generator, noise: float = 0.05) -> torch.
     return (data - torch.tensor([0.5, 0.25])) / torch.tensor([0.87, 0.5])
 
 
-def build(which: str, blocks: int, hidden: int, fused: bool | str = "auto") -> nf.NormalizingFlow:
+def build(
+    which: str, blocks: int, hidden: int, fused: bool | str = "auto", ours_net: str = "ours"
+) -> nf.NormalizingFlow:
+    """The benchmark model: normflows' layers (``"theirs"``) or ours (``"ours"``), ours over our
+    ``LipschitzMLP`` or, with ``ours_net="normflows"``, over normflows' own net (the one-import switch)."""
     flows = []
     for _ in range(blocks):
-        if which == "theirs":
+        if which == "theirs" or ours_net == "normflows":
             net = nf.nets.LipschitzMLP([2, hidden, hidden, 2], lipschitz_const=0.9, init_zeros=True)
-            flows.append(nf.flows.Residual(net, reduce_memory=True))
+            flows.append(nf.flows.Residual(net, reduce_memory=True) if which == "theirs"
+                         else OursResidual(net, reduce_memory=True, fused=fused))
         else:
             net = LipschitzMLP([2, hidden, hidden, 2], coeff=0.9)
             with torch.no_grad():
@@ -175,7 +183,7 @@ def peak_memory(which: str, args: argparse.Namespace) -> float:
     """Peak torch allocation of one training step of a freshly built model (after a warm-up step)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    trainer = Trainer(which, build(which, args.blocks, args.hidden), args.lr)
+    trainer = Trainer(which, build(which, args.blocks, args.hidden, ours_net=args.ours_net), args.lr)
     trainer.step(two_moons(args.batch, gen))  # warm-up: ActNorm init, optimiser state
     x = two_moons(args.batch, gen)
     return peak_allocated_mib(lambda: trainer.step(x))
@@ -194,18 +202,21 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ours-net", choices=("ours", "normflows"), default="ours",
+                        help="net of our layers: our LipschitzMLP, or normflows' own (the one-import switch)")
     parser.add_argument("--test-size", type=int, default=4096)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--save", default=None, help="save both trained models' state_dicts here")
     parser.add_argument("--load", default=None, help="skip training: load a --save file as the trained state")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {args.threads}", flush=True)
+    print(f"torch {torch.__version__}, threads {args.threads}, our layers over {args.ours_net}' LipschitzMLP",
+          flush=True)
     test = two_moons(args.test_size, torch.Generator().manual_seed(123))
     models = {}
     for which in ("ours", "theirs"):
         torch.manual_seed(0)
-        models[which] = build(which, args.blocks, args.hidden)
+        models[which] = build(which, args.blocks, args.hidden, ours_net=args.ours_net)
     trainers = {k: Trainer(k, m, args.lr) for k, m in models.items()}
     data = torch.Generator().manual_seed(7)
     res: dict = {"args": vars(args)}

@@ -276,9 +276,10 @@ class ResidualBlock(nn.Module):
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         if not isinstance(fused, str) and type(fused) is not bool:  # not 0/1: checked by identity below
             raise TypeError(f"fused must be True, False or 'auto', got {fused!r}")
-        if fused is True and not supports_fused(net):
+        if fused is True and not self._supports_fused(net):
             raise ValueError(
-                f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
+                f"fused=True needs a LipschitzMLP with LipSwish/ELU activations (in the normflows adapter also "
+                f"normflows' LipschitzMLP), got {type(net).__name__}; "
                 "use fused='auto' or False"
             )
         if fused is True and exact_trace:
@@ -287,7 +288,7 @@ class ResidualBlock(nn.Module):
                 "use fused='auto' or exact_trace=False"
             )
         self.fused = fused
-        if inverse_method == "newton" and (fused is False or not supports_fused(net)):
+        if inverse_method == "newton" and (fused is False or not self._supports_fused(net)):
             raise ValueError(
                 f"inverse_method='newton' needs the fused path (a LipschitzMLP with LipSwish/ELU and "
                 f"fused != False), got net {type(net).__name__} and fused={fused!r}"
@@ -321,11 +322,22 @@ class ResidualBlock(nn.Module):
         run by every call; a no-op while the weights are unchanged since the last refresh."""
         refresh_spectral_norm(self.net)
 
-    def _fused_net(self, context: Tensor | None):
+    @staticmethod
+    def _supports_fused(net: nn.Module) -> bool:
+        """Whether the fast path implements ``net`` (subclasses for other nets extend this and
+        :meth:`_read_fused`)."""
+        return supports_fused(net)
+
+    def _read_fused(self) -> FusedMLP | None:
+        """The fast-path parameters of ``net`` (``None`` if unsupported): reads the power-iteration
+        buffers, runs no forward."""
+        return fused_mlp(self.net)
+
+    def _fused_net(self, context: Tensor | None) -> FusedMLP | None:
         """The fast-path parameters (see ``fused``) for this call, or ``None`` for the generic path."""
         if self.fused is False or context is not None or self.exact_trace:
             return None
-        return fused_mlp(self.net)  # reads the power-iteration buffers, runs no forward
+        return self._read_fused()
 
     def _certified_lipschitz(self) -> float | None:
         """:func:`~pyro_iresnet.lipschitz_bound` of $g$ for non-convergence messages (None if $g$ has a
@@ -558,7 +570,7 @@ class ResidualBlock(nn.Module):
             if context is not None:
                 raise ValueError("inverse_method='newton' does not support a context; use 'fixed_point'")
             with torch.set_grad_enabled(bool(params)):
-                fast = fused_mlp(self.net)  # whatever exact_trace says: that option is the log-det's
+                fast = self._read_fused()  # whatever exact_trace says: that option is the log-det's
             x, info = newton_inverse(
                 fast, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
                 lipschitz=self._certified_lipschitz,

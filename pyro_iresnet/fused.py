@@ -37,7 +37,7 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["FusedMLP", "fused_logdet", "fused_mlp", "supports_fused"]
+__all__ = ["FusedMLP", "fused_logdet", "fused_mlp", "normalization", "supports_fused"]
 
 import threading
 from collections.abc import Sequence
@@ -89,7 +89,9 @@ class FusedMLP:
         kinds: Activation per hidden layer: ``"lipswish"`` or ``"elu"``.
         betas: LipSwish $\beta$ per hidden layer (``None`` for ELU).
         alphas: ELU $\alpha$ per hidden layer (``None`` for LipSwish).
-        norms: How each $\tilde W_l$ depends on its raw weight.
+        norms: How each $\tilde W_l$ depends on its raw weight (``None`` for a fixed weight: the
+            identity that puts an activation before the first linear layer, as normflows'
+            ``LipschitzMLP`` has it, $g(x) = \tilde W_L \phi(\cdots \tilde W_1 \phi_0(x))$).
 
     References:
         Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
@@ -105,19 +107,20 @@ class FusedMLP:
     kinds: list[str]
     betas: list[Tensor | None]
     alphas: list[float | None]
-    norms: list[_Normalization]
+    norms: list[_Normalization | None]
 
     def tensors(self) -> list[Tensor]:
         r"""Every tensor the call depends on (gradient targets: raw weights, biases, $\beta$s), in a
         fixed order."""
-        out = [n.weight for n in self.norms] + [b for b in self.biases if b is not None]
+        out = [n.weight for n in self.norms if n is not None] + [b for b in self.biases if b is not None]
         return out + [b for b in self.betas if b is not None]
 
     def raw_weight_grads(self, grads: list[Tensor]) -> list[Tensor]:
         r"""Map gradients w.r.t. ``[*weights, *biases, *betas]`` (normalised weights first) to
         gradients w.r.t. :meth:`tensors` (raw weights first)."""
         n_layers = len(self.norms)
-        return [n.weight_grad(g) for n, g in zip(self.norms, grads[:n_layers])] + list(grads[n_layers:])
+        weight_grads = [n.weight_grad(g) for n, g in zip(self.norms, grads[:n_layers]) if n is not None]
+        return weight_grads + list(grads[n_layers:])
 
     def detached(self) -> FusedMLP:
         return FusedMLP(
@@ -154,13 +157,10 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
     if not supports_fused(net):
         return None
     layers = list(net.layers)
-    weights, norms = [], []
     with torch.no_grad():
-        for layer in layers[0::2]:
-            ratio = layer.sigma_estimate() / layer.coeff
-            weights.append(layer.weight / ratio.clamp(min=1.0))
-            norms.append(_Normalization(layer.weight, weights[-1], layer.u.clone(), layer.v.clone(), ratio,
-                                        layer.coeff))
+        norms = [normalization(layer.weight, layer.sigma_estimate(), layer.u, layer.v, layer.coeff)
+                 for layer in layers[0::2]]
+    weights = [n.normalized for n in norms]
     biases = [layer.bias for layer in layers[0::2]]
     kinds, betas, alphas = [], [], []
     for act in layers[1::2]:
@@ -173,6 +173,25 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
             betas.append(None)
             alphas.append(float(act.alpha))
     return FusedMLP(weights, biases, kinds, betas, alphas, norms)
+
+
+def normalization(weight: Tensor, sigma: Tensor, u: Tensor, v: Tensor, coeff: float) -> _Normalization:
+    r"""$\tilde W = W / \max(1, \tilde\sigma / c)$ for the estimate $\tilde\sigma = u^\top W v$
+    (given: layers compute it their own way), and how $\tilde W$ depends on $W$, for
+    :class:`FusedMLP` (call under ``no_grad``; ``u`` and ``v`` are copied).
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
+
+    Examples:
+        >>> layer = SpectralNormLinear(4, 3, coeff=0.5)
+        >>> with torch.no_grad():
+        ...     norm = normalization(layer.weight, layer.sigma_estimate(), layer.u, layer.v, layer.coeff)
+        >>> torch.allclose(norm.normalized, layer.normalized_weight())
+        True
+    """
+    ratio = sigma / coeff
+    return _Normalization(weight, weight / ratio.clamp(min=1.0), u.clone(), v.clone(), ratio, coeff)
 
 
 def supports_fused(net: nn.Module) -> bool:
@@ -368,12 +387,14 @@ def _flat(t: Tensor) -> Tensor:
 
 def _backward(
     mlp: FusedMLP, cache: _Cache, grad_gx: Tensor | None, a: Tensor | None, b: Tensor | None,
-    p_second: Tensor | None = None,
+    p_hidden: dict[int, Tensor] | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     r"""Gradients of $\sum_n \langle \bar g_n, g(x_n)\rangle + \sum_{p,n} a_{pn}^\top J(x_n) b_{pn}$
     with respect to $x$ and ``[*weights, *biases, *betas]`` of ``mlp`` (normalised weights; see
     :meth:`FusedMLP.raw_weight_grads`); ``a``, ``b`` of shape ``(P, N, d)`` or ``None``.
-    ``p_second``, if given, is $\tilde W_2 D_1 \tilde W_1 b$ (``(P, N, h_2)``, not modified).
+    ``p_hidden`` maps weight indices ``l`` (``0 < l < L - 1``) to the products of ``b`` through
+    ``mlp.weights[l]``, $\tilde W_{l+1} D_l \cdots D_1 \tilde W_1 b$, already known (``(P, N, h)``,
+    not modified; see :func:`_probe_products`); the others are computed.
     The returned gradients are fresh tensors; the temporaries are scratch."""
     n_layers = len(mlp.weights)
     grad_w: list[Tensor | None] = [None] * n_layers
@@ -383,8 +404,8 @@ def _backward(
         qs = []
         for layer in range(1, n_layers):
             qs.append(torch.mul(ps[-1], cache.ds[layer - 1], out=_scratch(("q", layer), ps[-1].shape, b)))
-            if layer == 1 and p_second is not None:
-                ps.append(p_second)
+            if p_hidden is not None and layer in p_hidden:
+                ps.append(p_hidden[layer])
             elif layer < n_layers - 1:
                 ps.append(_mm(qs[-1], mlp.weights[layer].t(), ("p", layer)))
         r = a
@@ -460,11 +481,11 @@ def _logabsdet(jac: Tensor, for_backward: bool) -> tuple[Tensor, Tensor | None]:
 
 
 def _exact_value(mlp: FusedMLP, cache: _Cache) -> tuple[Tensor, tuple]:
-    r"""Per-sample log-det and what the backward needs: $M = (I + J)^{-\top}$ and the products
-    $\tilde W_2 D_1 \tilde W_1 e_j$ of its pairs $b = e_j$ (see :func:`_jacobian`)."""
-    jac, second = _jacobian(mlp, cache, scratch=True)
+    r"""Per-sample log-det and what the backward needs: $M = (I + J)^{-\top}$ and the hidden-layer
+    products of its pairs $b = e_j$ (see :func:`_jacobian` and :func:`_probe_products`)."""
+    jac, hidden = _jacobian(mlp, cache, scratch=True)
     logdet, inv_t = _logabsdet(jac, for_backward=True)
-    return logdet, (inv_t, None if second is None else second.clone())
+    return logdet, (inv_t, {layer: hidden[layer - 1].clone() for layer in _reused_layers(mlp)})
 
 
 def _series_value(
@@ -478,22 +499,17 @@ def _series_value(
     per-sample Jacobian is formed first ($d$ Jacobian-vector products through the net, as many
     matmul rows as the VJPs it replaces or fewer) and each product is a $d \times d$ one per sample;
     otherwise each product is a VJP through the net. With the Jacobian and ``for_backward`` and the
-    Neumann gradient, the backward's products $\tilde W_2 D_1 \tilde W_1 v$ are formed here from
-    the Jacobian's intermediate products ($d$ elementwise passes instead of a matmul) and returned
-    as a ``(P, N, h_2)`` tensor (else ``None``)."""
+    Neumann gradient, the backward's hidden-layer products of the probes are formed here from the
+    Jacobian's (see :func:`_probe_products`) and returned (else ``None``)."""
     x = cache.x
     total = x.new_zeros(x.shape[0])
     scale = 1.0 / len(spec.probes)
     saved = []
-    jac = second = p_second = None
+    jac = p_hidden = None
     if x.shape[1] <= len(spec.coeffs) * len(spec.probes):
-        jac, second = _jacobian(spec.mlp, cache, scratch=True)
-        if for_backward and spec.neumann_grad and second is not None:
-            p_second = x.new_empty(len(spec.probes), *second.shape[1:])
-            for out, v in zip(p_second, spec.probes):
-                torch.mul(second[0], v[:, :1], out=out)
-                for j in range(1, x.shape[1]):
-                    out.addcmul_(second[j], v[:, j:j + 1])
+        jac, hidden = _jacobian(spec.mlp, cache, scratch=True)
+        if for_backward and spec.neumann_grad:
+            p_hidden = _probe_products(spec.mlp, hidden, spec.probes)
     for v in spec.probes:
         w, powers, neumann = v, [], torch.zeros_like(v)
         series = torch.zeros_like(v)  # sum_k c_k (J^T)^k v, dotted with v once at the end
@@ -506,7 +522,32 @@ def _series_value(
             series.add_(w, alpha=c)
         total.add_(series.mul_(v).sum(1))
         saved.append([neumann] if spec.neumann_grad else powers)
-    return total.mul_(scale), saved, p_second
+    return total.mul_(scale), saved, p_hidden
+
+
+def _reused_layers(mlp: FusedMLP) -> list[int]:
+    r"""The weight indices ``l`` (``0 < l < L - 1``) whose products of ``b`` through
+    ``mlp.weights[l]`` the backward takes from the Jacobian's instead of a matmul: those with more
+    than $d$ inputs, where the $d$ elementwise passes of :func:`_probe_products` cost less."""
+    d = mlp.weights[0].shape[1]
+    return [layer for layer in range(1, len(mlp.weights) - 1) if mlp.weights[layer].shape[1] > d]
+
+
+def _probe_products(mlp: FusedMLP, hidden: list[Tensor], probes: Sequence[Tensor]) -> dict[int, Tensor]:
+    r"""The products of each probe $v$ through ``mlp.weights[l]`` for the ``l`` of
+    :func:`_reused_layers` (``(P, N, h)`` each), as $\sum_j v_j\,(\tilde W_{l+1} D_l \cdots \tilde W_1 e_j)$
+    from the Jacobian's products ``hidden`` (:func:`_jacobian`): $d$ elementwise passes per layer
+    and probe instead of a matmul."""
+    out = {}
+    for layer in _reused_layers(mlp):
+        products = hidden[layer - 1]  # (d, N, h_l)
+        combined = products.new_empty(len(probes), *products.shape[1:])
+        for row, v in zip(combined, probes):
+            torch.mul(products[0], v[:, :1], out=row)
+            for j in range(1, products.shape[0]):
+                row.addcmul_(products[j], v[:, j:j + 1])
+        out[layer] = combined
+    return out
 
 
 def _series_pairs(spec: _Spec, cache: _Cache, saved: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
@@ -531,12 +572,12 @@ class _FusedLogdet(torch.autograd.Function):
         spec = _Spec(spec.mlp.detached(), spec.method, spec.coeffs, spec.probes, spec.neumann_grad)
         gx, cache = _forward(spec.mlp, x.detach(), scratch=True)
         if spec.method == "exact":
-            logdet, (extra, p_second) = _exact_value(spec.mlp, cache)
+            logdet, (extra, p_hidden) = _exact_value(spec.mlp, cache)
         else:
-            logdet, extra, p_second = _series_value(spec, cache)
+            logdet, extra, p_hidden = _series_value(spec, cache)
         # keep the pre-activations (the backward recomputes the activations and slopes from them,
-        # the same values) and, where the Jacobian gave them for free, the second-layer products
-        ctx.spec, ctx.x, ctx.zs, ctx.extra, ctx.p_second = spec, cache.x, cache.zs, extra, p_second
+        # the same values) and, where the Jacobian gave them for free, hidden-layer products
+        ctx.spec, ctx.x, ctx.zs, ctx.extra, ctx.p_hidden = spec, cache.x, cache.zs, extra, p_hidden
         ctx.save_for_backward(x, *tensors)  # only for the second-derivative error
         return gx, logdet
 
@@ -559,7 +600,7 @@ class _FusedLogdet(torch.autograd.Function):
             else:
                 a, b = _series_pairs(spec, cache, ctx.extra)
                 a = a * grad_logdet[:, None]
-        grad_x, grads = _backward(spec.mlp, cache, grad_gx, a, b, None if a is None else ctx.p_second)
+        grad_x, grads = _backward(spec.mlp, cache, grad_gx, a, b, None if a is None else ctx.p_hidden)
         return (None, grad_x, *spec.mlp.raw_weight_grads(grads))
 
 
@@ -616,33 +657,33 @@ def fused_logdet(
 
 
 # -- Jacobian -----------------------------------------------------------------------------------
-def _jacobian(mlp: FusedMLP, cache: _Cache, scratch: bool = False) -> tuple[Tensor, Tensor | None]:
+def _jacobian(mlp: FusedMLP, cache: _Cache, scratch: bool = False) -> tuple[Tensor, list[Tensor]]:
     r"""Per-sample Jacobian ``(N, d, d)``, by :func:`_jacobian_product` with $D_l$ from ``cache``.
 
-    Also returns the products $\tilde W_2 D_1 \tilde W_1 e_j$, shape ``(d, N, h_2)`` (``None`` with
-    fewer than two hidden layers; a scratch tensor with ``scratch``), from which the backward's
-    $\tilde W_2 D_1 \tilde W_1 b$ follows for any $b$ without a matmul."""
+    Also returns the products of $e_j$ through ``mlp.weights[l]`` for ``0 < l < L - 1``,
+    $\tilde W_{l+1} D_l \cdots D_1 \tilde W_1 e_j$, shapes ``(d, N, h)`` (scratch tensors with
+    ``scratch``), from which the backward's products of any $b$ follow without a matmul."""
     return _jacobian_product([w.t() for w in mlp.weights], cache.ds, cache.x.shape[0], scratch)
 
 
 def _jacobian_product(
     weights_t: Sequence[Tensor], slopes: Sequence[Tensor], n: int, scratch: bool
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, list[Tensor]]:
     r"""$J = W_L D_{L-1} W_{L-1} \cdots D_1 W_1$ per sample, shape ``(n, d, d)``, from the transposed
     weights $W_l^\top$ and the slopes ``(n, h_l)`` on the diagonals of $D_l$: column $j$ is
     $J e_j$, whose first product $W_1 e_j$ is a column of $W_1$ (no matmul). With ``scratch`` the
     hidden-layer temporaries are scratch tensors (the result is fresh, or a view of $W_1^\top$ for a
-    single linear layer; do not modify it). Also returns the products $W_2 D_1 W_1 e_j$, shape
-    ``(d, n, h_2)`` (``None`` with fewer than two hidden layers)."""
+    single linear layer; do not modify it). Also returns the products of $e_j$ through the hidden
+    layers' weights, $W_{l+1} D_l \cdots D_1 W_1 e_j$ for $0 < l < L - 1$, shapes ``(d, n, h)``."""
     p = weights_t[0].unsqueeze(1)  # (d, 1, h_1)
     n_layers = len(weights_t)
-    second = None
+    hidden = []
     for layer in range(1, n_layers):
         d = slopes[layer - 1]
         q = torch.mul(p, d, out=_scratch(("jac_q", layer) if scratch else None, (p.shape[0], *d.shape), d))
         p = _mm(q, weights_t[layer], ("jac_p", layer) if scratch and layer < n_layers - 1 else None)
-        if layer == 1 and n_layers > 2:
-            second = p
+        if layer < n_layers - 1:
+            hidden.append(p)
     if p.shape[1] == 1:  # a single linear layer: the same J for every sample
         p = p.expand(-1, n, -1)
-    return p.permute(1, 2, 0), second
+    return p.permute(1, 2, 0), hidden

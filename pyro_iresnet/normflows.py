@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from .block import ResidualBlock, _eager_in_parameter_dtype
 from .conv import conv_operator_norm
 from .errors import check_choice, check_positive_finite, check_positive_int, check_probability
+from .fused import FusedMLP, fused_mlp, normalization, supports_fused
 from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
@@ -129,6 +130,31 @@ def _pure_forward(
     return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
 
 
+@torch.no_grad()
+def _power_iteration(layer: InducedNormLinear | InducedNormConv2d) -> None:
+    r"""normflows' ``compute_weight(update=True)``: its power iteration on ``u``, ``v`` and its
+    ``scale`` buffer set to $\tilde\sigma = u^\top W v$.
+
+    For an ``InducedNormLinear`` with the 2-norm on both sides and a fixed number of iterations
+    (normflows' ``LipschitzMLP``) the same steps, $u \leftarrow W v / \|W v\|$,
+    $v \leftarrow W^\top u / \|W^\top u\|$ with the norms clamped at 1e-12 as ``F.normalize`` does,
+    run in fewer operations, straight into the buffers; any other layer calls ``compute_weight``."""
+    linear_two_norm = (
+        type(layer) is InducedNormLinear and layer.n_iterations is not None
+        and not torch.is_tensor(layer.domain) and layer.domain == 2 and layer.codomain == 2
+    )
+    if not linear_two_norm:
+        layer.compute_weight(update=True)
+        return
+    weight, u, v = layer.weight.detach(), layer.u, layer.v
+    for _ in range(layer.n_iterations):
+        torch.mv(weight, v, out=u)
+        u.div_(torch.linalg.vector_norm(u).clamp_min_(1e-12))
+        torch.mv(weight.t(), u, out=v)
+        v.div_(torch.linalg.vector_norm(v).clamp_min_(1e-12))
+    torch.dot(u, torch.mv(weight, v), out=layer.scale)
+
+
 def _input_sizes(layers: list[nn.Module]) -> list[tuple[int, int]]:
     """The input size $(H, W)$ each ``InducedNormConv2d`` learned on its first forward (read from
     the device: once per call of the layer, not per evaluation of $g$); ``(1, 1)`` for linears."""
@@ -152,17 +178,63 @@ def _pure_forwards(layers: list[nn.Module], input_sizes: list[tuple[int, int]]) 
             del layer.forward
 
 
+def _supports_fused_normflows_mlp(net: nn.Module) -> bool:
+    """Whether ``net`` is normflows' ``LipschitzMLP`` (exactly; layers ``[Swish, InducedNormLinear]``
+    repeated, with the 2-norm on both sides of every linear layer, as its constructor sets)."""
+    if type(net) is not LipschitzMLP or not isinstance(net.net, nn.Sequential):
+        return False
+    layers = list(net.net)
+    two_norm = all(
+        type(m) is InducedNormLinear and not torch.is_tensor(m.domain) and m.domain == 2 and m.codomain == 2
+        for m in layers[1::2]
+    )
+    return len(layers) >= 2 and len(layers) % 2 == 0 and two_norm and all(type(m) is Swish for m in layers[0::2])
+
+
+def _fused_normflows_mlp(net: nn.Module) -> FusedMLP | None:
+    r"""The fast path's parameters of normflows' ``LipschitzMLP`` (``None`` for any other net).
+
+    Its layers compute $g(x) = \tilde W_L \phi(\tilde W_{L-1} \cdots \phi(\tilde W_1 \phi(x)))$ with
+    normflows' ``Swish`` $\phi(z) = z\,\mathrm{sigmoid}(\mathrm{softplus}(\beta) z) / 1.1$, the
+    library's LipSwish, also before the first linear layer: an identity first weight in
+    :class:`~pyro_iresnet.fused.FusedMLP`. The normalised weights are those of the generic path
+    (:func:`_normalized_weight`), read from the power-iteration buffers as they are."""
+    if not _supports_fused_normflows_mlp(net):
+        return None
+    layers = list(net.net)
+    linears = layers[1::2]
+    with torch.no_grad():
+        norms = [
+            normalization(m.weight, torch.dot(m.u, torch.mv(m.weight, m.v)), m.u, m.v, m.coeff) for m in linears
+        ]
+    first = linears[0].weight
+    identity = torch.eye(first.shape[1], dtype=first.dtype, device=first.device)
+    betas = [F.softplus(m.beta) for m in layers[0::2]]
+    return FusedMLP(
+        [identity, *(n.normalized for n in norms)], [None, *(m.bias for m in linears)],
+        ["lipswish"] * len(betas), betas, [None] * len(betas), [None, *norms],
+    )
+
+
 class _NormflowsBlock(ResidualBlock):
     r"""A :class:`~pyro_iresnet.ResidualBlock` whose every evaluation of $g$ runs normflows'
     induced-norm layers through their pure forward (:func:`_pure_forwards`): in the forward pass
     and at backward time alike (the memory-efficient estimator's re-run for per-sample weights,
     the adjoint solve of the inverse), so gradients are those of the $g$ whose values were
-    returned. Its ``state_dict`` and :func:`~pyro_iresnet.lipschitz_bound` are the core block's."""
+    returned. normflows' ``LipschitzMLP`` also takes the fast path (:func:`_fused_normflows_mlp`).
+    Its ``state_dict`` and :func:`~pyro_iresnet.lipschitz_bound` are the core block's."""
 
     def __init__(self, net: nn.Module, **options: Any) -> None:
         super().__init__(net, **options)
         self.induced_norm_layers = [m for m in net.modules() if isinstance(m, _INDUCED_NORM_LAYERS)]
         self.input_sizes = _input_sizes(self.induced_norm_layers)
+
+    @staticmethod
+    def _supports_fused(net: nn.Module) -> bool:
+        return supports_fused(net) or _supports_fused_normflows_mlp(net)
+
+    def _read_fused(self) -> FusedMLP | None:
+        return fused_mlp(self.net) if supports_fused(self.net) else _fused_normflows_mlp(self.net)
 
     def g(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """$g(x)$ as :meth:`ResidualBlock.g`, with normflows' layers in their pure forward."""
@@ -369,11 +441,11 @@ class Residual(Flow):
     @torch.no_grad()
     def _refresh_induced_norms(self) -> None:
         """``compute_weight(update=True)`` on each induced-norm layer whose weight changed since its
-        last refresh, by this layer or by another one sharing the net."""
+        last refresh, by this layer or by another one sharing the net (:func:`_power_iteration`)."""
         for layer in self.block.induced_norm_layers:
             version = _tensor_state(layer.weight)
             if _REFRESHED_FOR.get(layer) != version:
-                layer.compute_weight(update=True)
+                _power_iteration(layer)
                 _REFRESHED_FOR[layer] = version
 
     def extra_repr(self) -> str:

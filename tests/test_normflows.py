@@ -529,10 +529,11 @@ def _count_normflows_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 @pytest.mark.parametrize("reverse", [True, False])
 def test_normflows_nets_never_run_their_own_forward(reverse: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every evaluation of g, in the forward pass and at backward time (the memory-efficient
-    re-run for per-sample weights, the inverse's adjoint solve), uses the pure forward."""
+    """Every evaluation of g on the generic path, in the forward pass and at backward time (the
+    memory-efficient re-run for per-sample weights, the inverse's adjoint solve), uses the pure
+    forward."""
     net = nf.nets.LipschitzMLP([3, 16, 3], lipschitz_const=0.9, init_zeros=False).double()
-    layer = Residual(net, reverse=reverse).train()
+    layer = Residual(net, reverse=reverse, fused=False).train()
     calls = _count_normflows_forwards(monkeypatch)
     for direction in (layer.inverse, layer.forward):
         z = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
@@ -544,7 +545,8 @@ def test_normflows_nets_never_run_their_own_forward(reverse: bool, monkeypatch: 
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_normflows_nets_weighted_gradient(kind: str) -> None:
     """With normflows' nets too, the memory-efficient gradient of a per-sample weighted loss equals
-    the plain autograd path with the same draws (to 1e-9, as docs/normflows.md states)."""
+    the plain autograd path with the same draws (to 1e-9, as docs/normflows.md states), on the
+    generic path (the fast path has no separate memory-efficient mode)."""
     if kind == "mlp":
         net = nf.nets.LipschitzMLP([3, 16, 3], lipschitz_const=0.9, init_zeros=False).double()
         x0 = torch.randn(5, 3, dtype=torch.float64)
@@ -554,7 +556,7 @@ def test_normflows_nets_weighted_gradient(kind: str) -> None:
     weights = torch.randn(len(x0), dtype=torch.float64)
     grads = []
     for memory_efficient in (True, False):
-        layer = Residual(net, memory_efficient=memory_efficient).train()
+        layer = Residual(net, memory_efficient=memory_efficient, fused=False).train()
         layer.inverse(x0)  # power iteration refreshed once; then the operator stays put
         torch.manual_seed(1)
         x = x0.clone().requires_grad_()
@@ -562,6 +564,92 @@ def test_normflows_nets_weighted_gradient(kind: str) -> None:
         grads.append(torch.autograd.grad((weights * logdet).sum() + y.square().sum(), [x, *net.parameters()]))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# -- the fast path with normflows' LipschitzMLP ----------------------------------------------------
+def _normflows_mlp_gradients(fused: bool, dims: list[int], direction: str, options: dict, seed: int = 3):
+    """Values and gradients (input, every parameter, Swish betas included) of a per-sample weighted
+    loss through one layer over normflows' LipschitzMLP in float64, with fixed draws."""
+    torch.manual_seed(0)
+    net = nf.nets.LipschitzMLP(dims, lipschitz_const=0.95, init_zeros=False).double()
+    with torch.no_grad():  # an active normalisation in every layer, unequal Swish betas
+        for linear in net.net[1::2]:
+            linear.weight.mul_(4)
+        for swish in net.net[0::2]:
+            swish.beta.uniform_(-1, 1.5)
+    layer = Residual(net, fused=fused, **options).train()
+    z = torch.randn(6, dims[0], dtype=torch.float64) * 2
+    layer(z)  # refresh the power iteration once: both paths then apply the same operator
+    weights = torch.rand(6, dtype=torch.float64) * 3 - 1
+    torch.manual_seed(seed)
+    z.requires_grad_()
+    out, logdet = getattr(layer, direction)(z)
+    loss = (weights * logdet).sum() + (torch.linspace(-1, 2, dims[0], dtype=torch.float64) * out).sum()
+    return out.detach(), logdet.detach(), torch.autograd.grad(loss, [z, *net.parameters()])
+
+
+@pytest.mark.parametrize(
+    ("dims", "options"),
+    [
+        ([2, 16, 16, 2], {}),  # normflows' defaults: unbiased roulette, reduce_memory
+        ([2, 16, 16, 2], {"brute_force": True}),  # closed-form 2 x 2 determinant
+        ([3, 16, 3], {"reduce_memory": False, "n_power_series": 4}),
+        ([3, 12, 12, 3], {"brute_force": True}),  # slogdet
+        ([2, 8, 8, 8, 2], {"n_exact_terms": 3, "n_samples": 2, "n_dist": "poisson"}),
+        ([5, 12, 12, 5], {"n_power_series": 2, "n_probes": 1}),  # d >= terms x probes: VJPs
+    ],
+)
+@pytest.mark.parametrize("direction", ["inverse", "forward"])  # explicit map / fixed-point solve
+def test_normflows_mlp_fast_path_matches_generic_path(dims: list[int], options: dict, direction: str) -> None:
+    """normflows' LipschitzMLP (a Swish before every linear layer) takes the fast path: values and
+    gradients equal the generic autograd path's through its pure forward, to 1e-12 in float64."""
+    fast = _normflows_mlp_gradients(True, dims, direction, options)
+    slow = _normflows_mlp_gradients(False, dims, direction, options)
+    tol = 1e-12 if direction == "inverse" else 1e-10  # the solve stops at 1e-12 (1 + |y|)
+    for a, b in zip((fast[0], fast[1], *fast[2]), (slow[0], slow[1], *slow[2])):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert float(fast[2][1].abs()) > 0  # the first Swish beta gets a gradient
+
+
+def test_normflows_mlp_dispatch_and_newton_sampling() -> None:
+    """fused='auto' takes the fast path for normflows' LipschitzMLP and not for its LipschitzCNN;
+    fused=True and the Newton inverse accept the MLP; sampling agrees with the fixed point."""
+    mlp = nf.nets.LipschitzMLP([2, 16, 16, 2], lipschitz_const=0.9, init_zeros=False)
+    cnn = nf.nets.LipschitzCNN([2, 4, 2], [3, 3], lipschitz_const=0.9)
+    assert Residual(mlp).block._fused_net(None) is not None
+    assert Residual(mlp, fused=False).block._fused_net(None) is None
+    assert Residual(cnn).block._fused_net(None) is None
+    with pytest.raises(ValueError, match="fused=True needs a LipschitzMLP"):
+        Residual(cnn, fused=True)
+    base = nf.distributions.DiagGaussian(2, trainable=False)
+    samples = []
+    for method in ("fixed_point", "newton"):
+        model = nf.NormalizingFlow(base, [Residual(mlp, fused=True, inverse_method=method)]).eval()
+        torch.manual_seed(4)
+        with torch.no_grad():
+            x, log_q = model.sample(64)
+        torch.testing.assert_close(log_q, model.log_prob(x), rtol=0, atol=1e-4)
+        samples.append(x)
+    torch.testing.assert_close(samples[0], samples[1], rtol=0, atol=1e-5)
+
+
+def test_normflows_power_iteration_equals_compute_weight() -> None:
+    """The layer's own power iteration for normflows' 2-norm linear layers leaves u, v and scale
+    bit for bit as compute_weight(update=True) does; other layers run compute_weight itself."""
+    from pyro_iresnet.normflows import _power_iteration
+
+    for net in (nf.nets.LipschitzMLP([3, 16, 2], lipschitz_const=0.9, max_lipschitz_iter=3),
+                nf.nets.LipschitzCNN([2, 4, 2], [3, 3], lipschitz_const=0.9)):
+        with torch.no_grad():
+            for m in net.net[1::2]:
+                m.weight.mul_(3)
+        ours, theirs = copy.deepcopy(net), copy.deepcopy(net)
+        for a, b in zip(ours.net[1::2], theirs.net[1::2]):
+            torch.manual_seed(0)  # a convolution before its first forward draws its buffers
+            _power_iteration(a)
+            torch.manual_seed(0)
+            b.compute_weight(update=True)
+            assert torch.equal(a.u, b.u) and torch.equal(a.v, b.v) and torch.equal(a.scale, b.scale)
 
 
 def _two_moons_flow(cls: type) -> nf.NormalizingFlow:
