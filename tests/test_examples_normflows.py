@@ -9,13 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "normflows_two_moons.py"
 
 
-def test_normflows_two_moons_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("net", ["ours", "normflows"])
+def test_normflows_two_moons_smoke(tmp_path: Path, net: str) -> None:
     result = subprocess.run(
         [sys.executable, str(EXAMPLE), "--num-steps", "2", "--num-blocks", "2", "--num-test", "500",
-         "--out", str(tmp_path)],
+         "--net", net, "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
