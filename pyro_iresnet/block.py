@@ -278,8 +278,7 @@ class ResidualBlock(nn.Module):
             raise TypeError(f"fused must be True, False or 'auto', got {fused!r}")
         if fused is True and not self._supports_fused(net):
             raise ValueError(
-                f"fused=True needs a LipschitzMLP with LipSwish/ELU activations (in the normflows adapter also "
-                f"normflows' LipschitzMLP), got {type(net).__name__}; "
+                f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
                 "use fused='auto' or False"
             )
         if fused is True and exact_trace:

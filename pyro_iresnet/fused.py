@@ -1,5 +1,6 @@
 r"""Fused fast path of :class:`~pyro_iresnet.ResidualBlock` for the library's own
-:class:`~pyro_iresnet.LipschitzMLP`.
+:class:`~pyro_iresnet.LipschitzMLP` (and, through the normflows adapter, normflows' own
+``LipschitzMLP``, whose activation before the first linear layer is an identity first layer here).
 
 For a chain $g = \tilde W_L \circ \phi_{L-1} \circ \dots \circ \phi_1 \circ \tilde W_1$ (biases
 omitted) the Jacobian is explicit, $J = \tilde W_L D_{L-1} \tilde W_{L-1} \cdots D_1 \tilde W_1$ with
@@ -26,9 +27,9 @@ closed form ($\det(I+J) = (1+J_{11})(1+J_{22}) - J_{12}J_{21}$). Temporaries tha
 forward or backward come from a small per-thread scratch store reused across calls, so a training
 step allocates almost no fresh $(N, h)$ memory; the backward is not differentiable again.
 
-The fast path covers ``LipschitzMLP`` with LipSwish or ELU activations, without context and
-without ``exact_trace``; :class:`~pyro_iresnet.ResidualBlock` uses the generic path otherwise (its
-``fused`` option).
+The fast path covers ``LipschitzMLP`` with LipSwish or ELU activations (and normflows' in the
+normflows adapter), without context and without ``exact_trace``;
+:class:`~pyro_iresnet.ResidualBlock` uses the generic path otherwise (its ``fused`` option).
 
 References:
     Residual Flows for Invertible Generative Modeling (Chen et al., 2019),
@@ -37,7 +38,7 @@ References:
 
 from __future__ import annotations
 
-__all__ = ["FusedMLP", "fused_logdet", "fused_mlp", "normalization", "supports_fused"]
+__all__ = ["FusedMLP", "fused_logdet", "fused_mlp", "supports_fused"]
 
 import threading
 from collections.abc import Sequence
@@ -158,7 +159,7 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
         return None
     layers = list(net.layers)
     with torch.no_grad():
-        norms = [normalization(layer.weight, layer.sigma_estimate(), layer.u, layer.v, layer.coeff)
+        norms = [_normalization(layer.weight, layer.sigma_estimate(), layer.u, layer.v, layer.coeff)
                  for layer in layers[0::2]]
     weights = [n.normalized for n in norms]
     biases = [layer.bias for layer in layers[0::2]]
@@ -175,20 +176,13 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
     return FusedMLP(weights, biases, kinds, betas, alphas, norms)
 
 
-def normalization(weight: Tensor, sigma: Tensor, u: Tensor, v: Tensor, coeff: float) -> _Normalization:
+def _normalization(weight: Tensor, sigma: Tensor, u: Tensor, v: Tensor, coeff: float) -> _Normalization:
     r"""$\tilde W = W / \max(1, \tilde\sigma / c)$ for the estimate $\tilde\sigma = u^\top W v$
     (given: layers compute it their own way), and how $\tilde W$ depends on $W$, for
     :class:`FusedMLP` (call under ``no_grad``; ``u`` and ``v`` are copied).
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
-
-    Examples:
-        >>> layer = SpectralNormLinear(4, 3, coeff=0.5)
-        >>> with torch.no_grad():
-        ...     norm = normalization(layer.weight, layer.sigma_estimate(), layer.u, layer.v, layer.coeff)
-        >>> torch.allclose(norm.normalized, layer.normalized_weight())
-        True
     """
     ratio = sigma / coeff
     return _Normalization(weight, weight / ratio.clamp(min=1.0), u.clone(), v.clone(), ratio, coeff)
@@ -481,16 +475,19 @@ def _logabsdet(jac: Tensor, for_backward: bool) -> tuple[Tensor, Tensor | None]:
 
 
 def _exact_value(mlp: FusedMLP, cache: _Cache) -> tuple[Tensor, tuple]:
-    r"""Per-sample log-det and what the backward needs: $M = (I + J)^{-\top}$ and the hidden-layer
-    products of its pairs $b = e_j$ (see :func:`_jacobian` and :func:`_probe_products`)."""
+    r"""Per-sample log-det and what the backward needs: $M = (I + J)^{-\top}$ and, for the first
+    layer of :func:`_reused_layers`, the products of its pairs $b = e_j$ (see :func:`_jacobian`)."""
     jac, hidden = _jacobian(mlp, cache, scratch=True)
     logdet, inv_t = _logabsdet(jac, for_backward=True)
-    return logdet, (inv_t, {layer: hidden[layer - 1].clone() for layer in _reused_layers(mlp)})
+    # the pairs are d per sample: keeping every layer's (d, N, h) products would grow memory with
+    # the depth, so only the first reused layer's are kept
+    kept = _reused_layers(mlp)[:1]
+    return logdet, (inv_t, {layer: hidden[layer - 1].clone() for layer in kept})
 
 
 def _series_value(
     spec: _Spec, cache: _Cache, for_backward: bool = True
-) -> tuple[Tensor, list[list[Tensor]], Tensor | None]:
+) -> tuple[Tensor, list[list[Tensor]], dict[int, Tensor] | None]:
     r"""Series estimate, and per probe what the gradient needs: the Neumann vector
     $\sum_k k\,c_k (J^\top)^{k-1} v / n_{\text{probes}}$ (``neumann_grad``: memory flat in the number
     of terms), else the powers $(J^\top)^k v$, $k = 0..n-1$.
@@ -528,7 +525,8 @@ def _series_value(
 def _reused_layers(mlp: FusedMLP) -> list[int]:
     r"""The weight indices ``l`` (``0 < l < L - 1``) whose products of ``b`` through
     ``mlp.weights[l]`` the backward takes from the Jacobian's instead of a matmul: those with more
-    than $d$ inputs, where the $d$ elementwise passes of :func:`_probe_products` cost less."""
+    than $d$ inputs, where the $d$ elementwise passes of :func:`_probe_products` cost less than
+    the matmul (the products of each probe, ``(P, N, h)``, stay in memory until the backward)."""
     d = mlp.weights[0].shape[1]
     return [layer for layer in range(1, len(mlp.weights) - 1) if mlp.weights[layer].shape[1] > d]
 

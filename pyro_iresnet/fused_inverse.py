@@ -1,5 +1,6 @@
 r"""Inverse solves on the fused path of :class:`~pyro_iresnet.ResidualBlock` (the library's own
-:class:`~pyro_iresnet.LipschitzMLP`; see :mod:`pyro_iresnet.fused`).
+:class:`~pyro_iresnet.LipschitzMLP`, and normflows' in the normflows adapter; see
+:mod:`pyro_iresnet.fused`).
 
 * :class:`SolverNet`: $g$ with its constants folded into the weights, for solver iterations and the
   Newton iteration's Jacobians; :func:`solver_net` builds it.

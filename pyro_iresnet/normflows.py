@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from .block import ResidualBlock, _eager_in_parameter_dtype
 from .conv import conv_operator_norm
 from .errors import check_choice, check_positive_finite, check_positive_int, check_probability
-from .fused import FusedMLP, fused_mlp, normalization, supports_fused
+from .fused import FusedMLP, _normalization, fused_mlp, supports_fused
 from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
@@ -205,7 +205,7 @@ def _fused_normflows_mlp(net: nn.Module) -> FusedMLP | None:
     linears = layers[1::2]
     with torch.no_grad():
         norms = [
-            normalization(m.weight, torch.dot(m.u, torch.mv(m.weight, m.v)), m.u, m.v, m.coeff) for m in linears
+            _normalization(m.weight, torch.dot(m.u, torch.mv(m.weight, m.v)), m.u, m.v, m.coeff) for m in linears
         ]
     first = linears[0].weight
     identity = torch.eye(first.shape[1], dtype=first.dtype, device=first.device)
@@ -234,7 +234,7 @@ class _NormflowsBlock(ResidualBlock):
         return supports_fused(net) or _supports_fused_normflows_mlp(net)
 
     def _read_fused(self) -> FusedMLP | None:
-        return fused_mlp(self.net) if supports_fused(self.net) else _fused_normflows_mlp(self.net)
+        return fused_mlp(self.net) or _fused_normflows_mlp(self.net)
 
     def g(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """$g(x)$ as :meth:`ResidualBlock.g`, with normflows' layers in their pure forward."""

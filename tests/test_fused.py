@@ -65,8 +65,8 @@ def test_matches_generic_path(logdet: str, neumann_grad: bool, memory_efficient:
         # d >= terms x probes: the series runs on VJPs instead of the per-sample Jacobian
         ([6, 16, 16, 6], "lipswish", {"logdet": "series", "n_terms": 3}),
         ([6, 16, 16, 6], "elu", {"logdet": "series", "n_terms": 2, "neumann_grad": False}),
-        # three hidden layers: the backward takes the second-layer products from the Jacobian and
-        # computes the third-layer ones
+        # three hidden layers: the backward takes the second- and third-layer products from the
+        # Jacobian (the exact log-det only the second-layer ones)
         ([3, 12, 12, 12, 3], "lipswish", {"logdet": "unbiased", "n_exact_terms": 3}),
         ([2, 8, 8, 8, 2], "elu", {"logdet": "exact"}),
     ],
