@@ -112,13 +112,26 @@ def _normalized_weight(layer: InducedNormLinear | InducedNormConv2d, spatial: tu
     The graph holds copies of ``u`` and ``v``: a later power iteration (another layer sharing the
     net, or a new optimiser step) updates the buffers in place and must not invalidate a graph
     recorded before it."""
-    weight, u, v = layer.weight, layer.u.clone(), layer.v.clone()
+    sigma = _sigma_estimate(layer, layer.u.clone(), layer.v.clone(), spatial)
+    return layer.weight / torch.clamp(sigma / layer.coeff, min=1.0)
+
+
+def _sigma_estimate(
+    layer: InducedNormLinear | InducedNormConv2d, u: Tensor, v: Tensor, spatial: tuple[int, int] = (1, 1)
+) -> Tensor:
+    r"""$\tilde\sigma = u^\top W v$ of the layer's operator (a convolution's at input size ``spatial``)."""
+    weight = layer.weight
     if isinstance(layer, InducedNormLinear) or layer.kernel_size == (1, 1):
-        sigma = torch.dot(u, torch.mv(weight.reshape(weight.shape[0], -1), v))
-    else:
-        wv = F.conv2d(v.reshape(1, layer.in_channels, *spatial), weight, stride=layer.stride, padding=layer.padding)
-        sigma = torch.dot(u, wv.reshape(-1))
-    return weight / torch.clamp(sigma / layer.coeff, min=1.0)
+        return torch.dot(u, torch.mv(weight.reshape(weight.shape[0], -1), v))
+    wv = F.conv2d(v.reshape(1, layer.in_channels, *spatial), weight, stride=layer.stride, padding=layer.padding)
+    return torch.dot(u, wv.reshape(-1))
+
+
+def _two_norm_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an ``InducedNormLinear`` normalised in the 2-norm on both sides (the
+    spectral norm; normflows' ``LipschitzMLP`` builds its layers so)."""
+    return (type(layer) is InducedNormLinear and not torch.is_tensor(layer.domain)
+            and layer.domain == 2 and layer.codomain == 2)
 
 
 def _pure_forward(
@@ -139,11 +152,7 @@ def _power_iteration(layer: InducedNormLinear | InducedNormConv2d) -> None:
     (normflows' ``LipschitzMLP``) the same steps, $u \leftarrow W v / \|W v\|$,
     $v \leftarrow W^\top u / \|W^\top u\|$ with the norms clamped at 1e-12 as ``F.normalize`` does,
     run in fewer operations, straight into the buffers; any other layer calls ``compute_weight``."""
-    linear_two_norm = (
-        type(layer) is InducedNormLinear and layer.n_iterations is not None
-        and not torch.is_tensor(layer.domain) and layer.domain == 2 and layer.codomain == 2
-    )
-    if not linear_two_norm:
+    if not _two_norm_linear(layer) or layer.n_iterations is None:
         layer.compute_weight(update=True)
         return
     weight, u, v = layer.weight.detach(), layer.u, layer.v
@@ -184,11 +193,8 @@ def _supports_fused_normflows_mlp(net: nn.Module) -> bool:
     if type(net) is not LipschitzMLP or not isinstance(net.net, nn.Sequential):
         return False
     layers = list(net.net)
-    two_norm = all(
-        type(m) is InducedNormLinear and not torch.is_tensor(m.domain) and m.domain == 2 and m.codomain == 2
-        for m in layers[1::2]
-    )
-    return len(layers) >= 2 and len(layers) % 2 == 0 and two_norm and all(type(m) is Swish for m in layers[0::2])
+    return (len(layers) >= 2 and len(layers) % 2 == 0 and all(map(_two_norm_linear, layers[1::2]))
+            and all(type(m) is Swish for m in layers[0::2]))
 
 
 def _fused_normflows_mlp(net: nn.Module) -> FusedMLP | None:
@@ -205,7 +211,7 @@ def _fused_normflows_mlp(net: nn.Module) -> FusedMLP | None:
     linears = layers[1::2]
     with torch.no_grad():
         norms = [
-            _normalization(m.weight, torch.dot(m.u, torch.mv(m.weight, m.v)), m.u, m.v, m.coeff) for m in linears
+            _normalization(m.weight, _sigma_estimate(m, m.u, m.v), m.u, m.v, m.coeff) for m in linears
         ]
     first = linears[0].weight
     identity = torch.eye(first.shape[1], dtype=first.dtype, device=first.device)
