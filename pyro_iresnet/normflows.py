@@ -156,10 +156,11 @@ def _power_iteration(layer: InducedNormLinear | InducedNormConv2d) -> None:
         layer.compute_weight(update=True)
         return
     weight, u, v = layer.weight.detach(), layer.u, layer.v
+    weight_t = weight.t()
     for _ in range(layer.n_iterations):
         torch.mv(weight, v, out=u)
         u.div_(torch.linalg.vector_norm(u).clamp_min_(1e-12))
-        torch.mv(weight.t(), u, out=v)
+        torch.mv(weight_t, u, out=v)
         v.div_(torch.linalg.vector_norm(v).clamp_min_(1e-12))
     torch.dot(u, torch.mv(weight, v), out=layer.scale)
 
