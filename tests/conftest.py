@@ -81,9 +81,10 @@ def make_active_mlp(dims: list[int], coeff: float, dtype: torch.dtype = torch.fl
     return net
 
 
-def small_normflows_model(**options) -> nn.Module:
+def small_normflows_model(net: str = "ours", **options) -> nn.Module:
     """2 x [our normflows ``Residual`` (2-16-16-2, coeff 0.9), ActNorm] on a standard normal base,
-    built from seed 0; ``options`` go to ``Residual``."""
+    built from seed 0, over our ``LipschitzMLP`` or (``net="normflows"``) normflows' own;
+    ``options`` go to ``Residual``."""
     import normflows as nf
 
     from pyro_iresnet.normflows import Residual
@@ -91,5 +92,9 @@ def small_normflows_model(**options) -> nn.Module:
     torch.manual_seed(0)
     flows = []
     for _ in range(2):
-        flows += [Residual(LipschitzMLP([2, 16, 16, 2], coeff=0.9), **options), nf.flows.ActNorm(2)]
+        if net == "normflows":
+            mlp = nf.nets.LipschitzMLP([2, 16, 16, 2], lipschitz_const=0.9, init_zeros=False)
+        else:
+            mlp = LipschitzMLP([2, 16, 16, 2], coeff=0.9)
+        flows += [Residual(mlp, **options), nf.flows.ActNorm(2)]
     return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)

@@ -32,8 +32,8 @@ def _both(run) -> None:
         torch.testing.assert_close(b, a, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("options", [{}, {"fused": False}, {"logdet": "exact"}],
-                         ids=["fused", "generic", "exact"])
+@pytest.mark.parametrize("options", [{}, {"fused": False}, {"logdet": "exact"}, {"net": "normflows"}],
+                         ids=["fused", "generic", "exact", "fused-normflows-net"])
 def test_normflows_training_and_sampling(options):
     def run(autocast):
         model = small_normflows_model(**options).train()

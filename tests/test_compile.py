@@ -48,7 +48,8 @@ def _same(run, backend: str = "aot_eager") -> None:
 DATA = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
 
 
-@pytest.mark.parametrize("options", [{}, {"fused": False}], ids=["fused", "generic"])
+@pytest.mark.parametrize("options", [{}, {"fused": False}, {"net": "normflows"}],
+                         ids=["fused", "generic", "fused-normflows-net"])
 def test_normflows_training_step_and_sampling(options):
     def run(compile):
         model = small_normflows_model(**options).train()
