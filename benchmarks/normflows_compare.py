@@ -25,6 +25,7 @@ Usage::
     python benchmarks/normflows_compare.py                  # full: 2,000 training steps
     python benchmarks/normflows_compare.py --steps 50 --eval-every 25 --timing-steps 5   # quick
     python benchmarks/normflows_compare.py --ours-net normflows   # ours over normflows' own net
+    python benchmarks/normflows_compare.py --ours-net normflows --generic --steps 0   # ... on the generic path
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def peak_memory(which: str, args: argparse.Namespace) -> float:
     """Peak torch allocation of one training step of a freshly built model (after a warm-up step)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    trainer = Trainer(which, build(which, args.blocks, args.hidden, ours_net=args.ours_net), args.lr)
+    model = build(which, args.blocks, args.hidden, fused=not args.generic and "auto", ours_net=args.ours_net)
+    trainer = Trainer(which, model, args.lr)
     trainer.step(two_moons(args.batch, gen))  # warm-up: ActNorm init, optimiser state
     x = two_moons(args.batch, gen)
     return peak_allocated_mib(lambda: trainer.step(x))
@@ -204,6 +206,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ours-net", choices=("ours", "normflows"), default="ours",
                         help="net of our layers: our LipschitzMLP, or normflows' own (the one-import switch)")
+    parser.add_argument("--generic", action="store_true",
+                        help="our layers on the generic autograd path (fused=False; the Newton rows still "
+                             "use the fused solver)")
     parser.add_argument("--test-size", type=int, default=4096)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--save", default=None, help="save both trained models' state_dicts here")
@@ -216,7 +221,8 @@ def main() -> None:
     models = {}
     for which in ("ours", "theirs"):
         torch.manual_seed(0)
-        models[which] = build(which, args.blocks, args.hidden, ours_net=args.ours_net)
+        models[which] = build(which, args.blocks, args.hidden, fused=not args.generic and "auto",
+                              ours_net=args.ours_net)
     trainers = {k: Trainer(k, m, args.lr) for k, m in models.items()}
     data = torch.Generator().manual_seed(7)
     res: dict = {"args": vars(args)}
