@@ -46,12 +46,17 @@ from pyro_iresnet.normflows import Residual as OursResidual
 
 def two_moons(n: int, generator: torch.Generator, noise: float = 0.05) -> torch.Tensor:
     """Two interleaving half circles (standardised), from torch's RNG."""
+    return labelled_two_moons(n, generator, noise)[0]
+
+
+def labelled_two_moons(n: int, generator: torch.Generator, noise: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`two_moons` and, per point, whether it lies on the upper moon (bool)."""
     t = torch.rand(n, generator=generator) * math.pi
     upper = torch.rand(n, generator=generator) < 0.5
     x = torch.where(upper, torch.cos(t), 1 - torch.cos(t))
     y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
     data = torch.stack([x, y], 1) + noise * torch.randn(n, 2, generator=generator)
-    return (data - torch.tensor([0.5, 0.25])) / torch.tensor([0.87, 0.5])
+    return (data - torch.tensor([0.5, 0.25])) / torch.tensor([0.87, 0.5]), upper
 
 
 def build(

@@ -194,8 +194,9 @@ class ResidualBlock(nn.Module):
         fused: Fast path of :mod:`pyro_iresnet.fused` (one autograd Function per block with
             closed-form gradients; same values and gradients as the generic path for the same
             draws). ``"auto"`` (default) uses it whenever ``net`` is a supported ``LipschitzMLP``
-            and the call has no context and ``exact_trace=False``; ``True`` requires a supported
-            ``net`` and ``exact_trace=False``; ``False`` always uses the generic autograd path.
+            (or a :class:`~pyro_iresnet.context.ConcatContextNet` over one) and
+            ``exact_trace=False``; ``True`` requires a supported ``net`` and ``exact_trace=False``;
+            ``False`` always uses the generic autograd path.
 
     Raises:
         TypeError: If ``net`` is not an ``nn.Module`` or an integer option is not an int.
@@ -287,10 +288,11 @@ class ResidualBlock(nn.Module):
                 "use fused='auto' or exact_trace=False"
             )
         self.fused = fused
-        if inverse_method == "newton" and (fused is False or not self._supports_fused(net)):
+        conditional = getattr(net, "context_dim", None) is not None
+        if inverse_method == "newton" and (fused is False or conditional or not self._supports_fused(net)):
             raise ValueError(
-                f"inverse_method='newton' needs the fused path (a LipschitzMLP with LipSwish/ELU and "
-                f"fused != False), got net {type(net).__name__} and fused={fused!r}"
+                f"inverse_method='newton' needs the fused path without a context (a LipschitzMLP with "
+                f"LipSwish/ELU and fused != False), got net {type(net).__name__} and fused={fused!r}"
             )
         self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
         self.context_dim: int | None = getattr(net, "context_dim", None)
@@ -334,7 +336,7 @@ class ResidualBlock(nn.Module):
 
     def _fused_net(self, context: Tensor | None) -> FusedMLP | None:
         """The fast-path parameters (see ``fused``) for this call, or ``None`` for the generic path."""
-        if self.fused is False or context is not None or self.exact_trace:
+        if self.fused is False or self.exact_trace:
             return None
         return self._read_fused()
 
@@ -453,7 +455,7 @@ class ResidualBlock(nn.Module):
             self.last_diagnostics = Diagnostics("exact", None, None)
             with torch.set_grad_enabled(needs_grad):
                 if fast is not None:
-                    return fused_logdet(fast, x, "exact")
+                    return fused_logdet(fast, x, "exact", context=context)
                 return exact_logdet(self.g, x, context)
         if method == "series":
             weights = series_weights(self.n_terms)
@@ -467,7 +469,7 @@ class ResidualBlock(nn.Module):
         probes = draw_probes(x, self.n_probes, self.probe)
         if fast is not None:  # memory_efficient changes nothing here: the fused backward is flat
             with torch.set_grad_enabled(needs_grad):
-                return fused_logdet(fast, x, "series", weights, probes, self.neumann_grad)
+                return fused_logdet(fast, x, "series", weights, probes, self.neumann_grad, context)
 
         def g(z: Tensor) -> Tensor:
             return self.g(z, context)
@@ -583,7 +585,7 @@ class ResidualBlock(nn.Module):
             g_solver = solver_net(fast)
 
             def g(x: Tensor, context: Tensor | None = None) -> Tensor:
-                return self.g(x, context) if torch.is_grad_enabled() else g_solver(x)
+                return self.g(x, context) if torch.is_grad_enabled() else g_solver(x, context)
 
         x, info = fixed_point_inverse(
             g, y_flat, params, context=context,

@@ -28,7 +28,10 @@ forward or backward come from a small per-thread scratch store reused across cal
 step allocates almost no fresh $(N, h)$ memory; the backward is not differentiable again.
 
 The fast path covers ``LipschitzMLP`` with LipSwish or ELU activations (and normflows' in the
-normflows adapter), without context and without ``exact_trace``;
+normflows adapter), also as the conditional net
+:class:`~pyro_iresnet.context.ConcatContextNet` (the context $c$ enters the first pre-activation,
+$\tilde W_1 x + \tilde W_c c + b_1$, like a per-sample bias: $J$ is unchanged and the gradients of $c$
+and $\tilde W_c$ follow from the first pre-activation's), without ``exact_trace``;
 :class:`~pyro_iresnet.ResidualBlock` uses the generic path otherwise (its ``fused`` option).
 
 References:
@@ -47,6 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .context import ConcatContextNet
 from .first_order import USE_THE_GENERIC_PATH, first_order_backward
 from .lipschitz import LipschitzMLP, LipSwish, SpectralNormLinear
 from .logdet import _upcast_half
@@ -93,6 +97,10 @@ class FusedMLP:
         norms: How each $\tilde W_l$ depends on its raw weight (``None`` for a fixed weight: the
             identity that puts an activation before the first linear layer, as normflows'
             ``LipschitzMLP`` has it, $g(x) = \tilde W_L \phi(\cdots \tilde W_1 \phi_0(x))$).
+        context_weight: For a :class:`~pyro_iresnet.context.ConcatContextNet`, the context columns
+            $\tilde W_c$ of the first normalised weight $[\tilde W_1, \tilde W_c]$ (normalised as a
+            whole: ``norms[0]`` is that of the whole raw weight), so that the first pre-activation
+            is $\tilde W_1 x + \tilde W_c c + b_1$; ``None`` without a context.
 
     References:
         Residual Flows for Invertible Generative Modeling (Chen et al., 2019), https://arxiv.org/abs/1906.02735
@@ -109,6 +117,7 @@ class FusedMLP:
     betas: list[Tensor | None]
     alphas: list[float | None]
     norms: list[_Normalization | None]
+    context_weight: Tensor | None = None
 
     def tensors(self) -> list[Tensor]:
         r"""Every tensor the call depends on (gradient targets: raw weights, biases, $\beta$s), in a
@@ -131,6 +140,7 @@ class FusedMLP:
             [None if b is None else b.detach() for b in self.betas],
             self.alphas,
             self.norms,
+            self.context_weight,
         )
 
 
@@ -143,6 +153,9 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
     respect to $W_l$ flow through $\tilde\sigma_l$ as in autograd, in closed form
     (:meth:`FusedMLP.raw_weight_grads`).
 
+    For a :class:`~pyro_iresnet.context.ConcatContextNet` over such a net, the first weight's
+    context columns become ``context_weight``.
+
     Args:
         net: The residual function $g$.
 
@@ -154,10 +167,15 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
         ['elu', 'elu']
         >>> fused_mlp(nn.Linear(2, 2)) is None
         True
+        >>> from pyro_iresnet.context import ConcatContextNet
+        >>> mlp = fused_mlp(ConcatContextNet(LipschitzMLP([2 + 3, 8, 2]), context_dim=3))
+        >>> tuple(mlp.weights[0].shape), tuple(mlp.context_weight.shape)
+        ((8, 2), (8, 3))
     """
     if not supports_fused(net):
         return None
-    layers = list(net.layers)
+    context_dim = net.context_dim if type(net) is ConcatContextNet else 0
+    layers = list(net.net.layers if context_dim else net.layers)
     with torch.no_grad():
         norms = [_normalization(layer.weight, layer.sigma_estimate(), layer.u, layer.v, layer.coeff)
                  for layer in layers[0::2]]
@@ -173,7 +191,12 @@ def fused_mlp(net: nn.Module) -> FusedMLP | None:
             kinds.append("elu")
             betas.append(None)
             alphas.append(float(act.alpha))
-    return FusedMLP(weights, biases, kinds, betas, alphas, norms)
+    if not context_dim:
+        return FusedMLP(weights, biases, kinds, betas, alphas, norms)
+    split = weights[0].shape[1] - context_dim
+    context_weight = weights[0][:, split:].contiguous()
+    weights[0] = weights[0][:, :split].contiguous()
+    return FusedMLP(weights, biases, kinds, betas, alphas, norms, context_weight)
 
 
 def _normalization(weight: Tensor, sigma: Tensor, u: Tensor, v: Tensor, coeff: float) -> _Normalization:
@@ -192,7 +215,8 @@ def supports_fused(net: nn.Module) -> bool:
     r"""Whether ``net`` is a ``LipschitzMLP`` the fast path implements exactly.
 
     That is: exactly the library's ``LipschitzMLP`` (not a subclass), whose layers alternate
-    ``SpectralNormLinear`` and ``LipSwish`` / non-inplace ``nn.ELU``.
+    ``SpectralNormLinear`` and ``LipSwish`` / non-inplace ``nn.ELU``, or a
+    :class:`~pyro_iresnet.context.ConcatContextNet` over one with more inputs than ``context_dim``.
 
     Args:
         net: The residual function $g$.
@@ -206,6 +230,9 @@ def supports_fused(net: nn.Module) -> bool:
         >>> supports_fused(nn.Sequential(SpectralNormLinear(2, 2)))
         False
     """
+    if type(net) is ConcatContextNet:
+        inner = net.net
+        return supports_fused(inner) and inner.layers[0].in_features > net.context_dim
     if type(net) is not LipschitzMLP or not isinstance(net.layers, nn.Sequential):
         return False
     layers = list(net.layers)
@@ -303,16 +330,22 @@ class _Cache:
     acts: list[Tensor]  # activations (inputs of layers 2..L)
     ds: list[Tensor]  # phi'(z)
     aux: list[tuple[Tensor, Tensor, Tensor] | None]  # LipSwish (beta z, sigmoid, t)
+    context: Tensor | None = None  # the context c of a ConcatContextNet (``mlp.context_weight``)
 
 
-def _forward(mlp: FusedMLP, x: Tensor, scratch: bool = False) -> tuple[Tensor, _Cache]:
-    r"""$g(x)$ and the cache; with ``scratch`` the cached activations and slopes are scratch
-    tensors (valid until the next scratch use; the pre-activations and $g(x)$ are fresh)."""
-    cache = _Cache(x, [], [], [], [])
+def _forward(
+    mlp: FusedMLP, x: Tensor, scratch: bool = False, context: Tensor | None = None
+) -> tuple[Tensor, _Cache]:
+    r"""$g(x)$ (given ``context`` $c$ if ``mlp.context_weight`` is set) and the cache; with
+    ``scratch`` the cached activations and slopes are scratch tensors (valid until the next scratch
+    use; the pre-activations and $g(x)$ are fresh)."""
+    cache = _Cache(x, [], [], [], [], context)
     h = x
     n_layers = len(mlp.weights)
     for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
         z = h @ w.t() if b is None else torch.addmm(b, h, w.t())
+        if i == 0 and mlp.context_weight is not None:
+            z.addmm_(context, mlp.context_weight.t())
         if i == n_layers - 1:
             return z, cache
         a, d, aux = _act(mlp.kinds[i], z, mlp.betas[i], mlp.alphas[i], ("act", i) if scratch else None)
@@ -324,9 +357,9 @@ def _forward(mlp: FusedMLP, x: Tensor, scratch: bool = False) -> tuple[Tensor, _
     raise AssertionError("unreachable")
 
 
-def _recompute(mlp: FusedMLP, x: Tensor, zs: list[Tensor]) -> _Cache:
+def _recompute(mlp: FusedMLP, x: Tensor, zs: list[Tensor], context: Tensor | None) -> _Cache:
     """The cache of :func:`_forward` from its pre-activations (in scratch tensors)."""
-    cache = _Cache(x, zs, [], [], [])
+    cache = _Cache(x, zs, [], [], [], context)
     for i, z in enumerate(zs):
         a, d, aux = _act(mlp.kinds[i], z, mlp.betas[i], mlp.alphas[i], ("act", i))
         cache.acts.append(a)
@@ -382,10 +415,13 @@ def _flat(t: Tensor) -> Tensor:
 def _backward(
     mlp: FusedMLP, cache: _Cache, grad_gx: Tensor | None, a: Tensor | None, b: Tensor | None,
     p_hidden: dict[int, Tensor] | None = None,
-) -> tuple[Tensor, list[Tensor]]:
+) -> tuple[Tensor, list[Tensor], Tensor | None]:
     r"""Gradients of $\sum_n \langle \bar g_n, g(x_n)\rangle + \sum_{p,n} a_{pn}^\top J(x_n) b_{pn}$
-    with respect to $x$ and ``[*weights, *biases, *betas]`` of ``mlp`` (normalised weights; see
-    :meth:`FusedMLP.raw_weight_grads`); ``a``, ``b`` of shape ``(P, N, d)`` or ``None``.
+    with respect to $x$, ``[*weights, *biases, *betas]`` of ``mlp`` (normalised weights; see
+    :meth:`FusedMLP.raw_weight_grads`) and the context ``cache.context`` (``None`` without one); ``a``,
+    ``b`` of shape ``(P, N, d)`` or ``None``. With a context the first weight's gradient is that of the
+    whole $[\tilde W_1, \tilde W_c]$: $J$ does not involve $\tilde W_c$, which enters only through
+    the first pre-activation, like the bias.
     ``p_hidden`` maps weight indices ``l`` (``0 < l < L - 1``) to the products of ``b`` through
     ``mlp.weights[l]``, $\tilde W_{l+1} D_l \cdots D_1 \tilde W_1 b$, already known (``(P, N, h)``,
     not modified; see :func:`_probe_products`); the others are computed.
@@ -423,6 +459,13 @@ def _backward(
             grad_b[layer] = gz.sum(0)
         if layer == 0:
             grad_x = _mm(gz, _colmajor(mlp.weights[0])) if gz is not None else torch.zeros_like(cache.x)
+            grad_context = None
+            if mlp.context_weight is not None:
+                context, weight_c = cache.context, mlp.context_weight
+                grad_context = torch.mm(gz, weight_c) if gz is not None else torch.zeros_like(context)
+                grad_c = _outer(gz, context) if gz is not None else torch.zeros_like(weight_c)
+                grad_x_cols = torch.zeros_like(mlp.weights[0]) if grad_w[0] is None else grad_w[0]
+                grad_w[0] = torch.cat([grad_x_cols, grad_c], 1)
             break
         i = layer - 1
         da = _mm(gz, mlp.weights[layer], ("da", layer)) if gz is not None else None
@@ -434,7 +477,7 @@ def _backward(
               for g, bias in zip(grad_b, mlp.biases) if bias is not None]
     grads += [torch.zeros_like(beta) if g is None else g.reshape(beta.shape)
               for g, beta in zip(grad_beta, mlp.betas) if beta is not None]
-    return grad_x, grads
+    return grad_x, grads, grad_context
 
 
 # -- estimators -------------------------------------------------------------------------------
@@ -566,17 +609,18 @@ def _series_pairs(spec: _Spec, cache: _Cache, saved: list[list[Tensor]]) -> tupl
 
 class _FusedLogdet(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec: _Spec, x: Tensor, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, spec: _Spec, x: Tensor, context: Tensor | None, *tensors: Tensor) -> tuple[Tensor, Tensor]:
         spec = _Spec(spec.mlp.detached(), spec.method, spec.coeffs, spec.probes, spec.neumann_grad)
-        gx, cache = _forward(spec.mlp, x.detach(), scratch=True)
+        gx, cache = _forward(spec.mlp, x.detach(), True, None if context is None else context.detach())
         if spec.method == "exact":
             logdet, (extra, p_hidden) = _exact_value(spec.mlp, cache)
         else:
             logdet, extra, p_hidden = _series_value(spec, cache)
         # keep the pre-activations (the backward recomputes the activations and slopes from them,
         # the same values) and, where the Jacobian gave them for free, hidden-layer products
-        ctx.spec, ctx.x, ctx.zs, ctx.extra, ctx.p_hidden = spec, cache.x, cache.zs, extra, p_hidden
-        ctx.save_for_backward(x, *tensors)  # only for the second-derivative error
+        ctx.spec, ctx.x, ctx.context, ctx.zs = spec, cache.x, cache.context, cache.zs
+        ctx.extra, ctx.p_hidden = extra, p_hidden
+        ctx.save_for_backward(x, context, *tensors)  # only for the second-derivative error
         return gx, logdet
 
     @staticmethod
@@ -587,7 +631,7 @@ class _FusedLogdet(torch.autograd.Function):
     )
     def backward(ctx, grad_gx: Tensor | None, grad_logdet: Tensor | None) -> tuple[Tensor | None, ...]:
         spec = ctx.spec
-        cache = _recompute(spec.mlp, ctx.x, ctx.zs)
+        cache = _recompute(spec.mlp, ctx.x, ctx.zs, ctx.context)
         a = b = None
         if grad_logdet is not None:
             if spec.method == "exact":
@@ -598,8 +642,8 @@ class _FusedLogdet(torch.autograd.Function):
             else:
                 a, b = _series_pairs(spec, cache, ctx.extra)
                 a = a * grad_logdet[:, None]
-        grad_x, grads = _backward(spec.mlp, cache, grad_gx, a, b, None if a is None else ctx.p_hidden)
-        return (None, grad_x, *spec.mlp.raw_weight_grads(grads))
+        grad_x, grads, grad_context = _backward(spec.mlp, cache, grad_gx, a, b, None if a is None else ctx.p_hidden)
+        return (None, grad_x, grad_context, *spec.mlp.raw_weight_grads(grads))
 
 
 def fused_logdet(
@@ -609,8 +653,9 @@ def fused_logdet(
     weights: Sequence[float] = (),
     probes: Sequence[Tensor] = (),
     neumann_grad: bool = True,
+    context: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    r"""$g(x)$ and the per-sample log-det estimate, differentiable in ``x`` and ``mlp.tensors()``
+    r"""$g(x)$ and the per-sample log-det estimate, differentiable in ``x``, ``context`` and ``mlp.tensors()``
     (first derivatives only: differentiating them again raises, see :mod:`pyro_iresnet.first_order`).
 
     The estimate is $\log\det(I + J_g(x_n))$ (``"exact"``) or, with probes $v_1..v_P$,
@@ -625,6 +670,8 @@ def fused_logdet(
         weights: Term weights $w_1..w_n$ (``"series"``).
         probes: Hutchinson probes ``(N, d)`` (``"series"``).
         neumann_grad: Gradient through the Neumann series (else through the $n$ products).
+        context: The context ``(N, context_dim)`` of a ``mlp`` with ``context_weight`` (else ``None``);
+            the log-det is that of $x \mapsto x + g(x, c)$.
 
     Returns:
         ``g(x)`` of shape ``(N, d)`` and the log-dets of shape ``(N,)``.
@@ -644,11 +691,14 @@ def fused_logdet(
     """
     coeffs = [(-1) ** (k + 1) * w / k for k, w in enumerate(weights, start=1)]
     spec = _Spec(mlp, method, coeffs, list(probes), bool(neumann_grad))
+    if (mlp.context_weight is None) != (context is None):
+        raise ValueError("fused_logdet: pass a context exactly when the net is conditional (mlp.context_weight)")
     tensors = mlp.tensors()
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
-        return _FusedLogdet.apply(spec, x, *tensors)
+    inputs = (x, *tensors) if context is None else (x, context, *tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _FusedLogdet.apply(spec, x, context, *tensors)
     # value only (evaluation, sampling): no autograd Function, nothing kept for a backward
-    gx, cache = _forward(mlp, x, scratch=True)
+    gx, cache = _forward(mlp, x, True, context)
     if method == "exact":
         return gx, _logabsdet(_jacobian(mlp, cache, scratch=True)[0], for_backward=False)[0]
     return gx, _series_value(spec, cache, for_backward=False)[0]

@@ -61,6 +61,8 @@ class SolverNet:
     costs one ``addmm`` and one SiLU ($u \mapsto u\,\mathrm{sigmoid}(u)$). In these folded terms
     $J_g = V_L S_{L-1} V_{L-1} \cdots S_1 V_1$ with $V_l$ the folded weights and
     $S_l = \operatorname{diag}(\mathrm{SiLU}'(u_l))$ (ELU layers are not folded: $S_l = \mathrm{ELU}'(z_l)$).
+    A conditional net's context enters the first layer through its folded context weight (its
+    Jacobians, in $x$, do not involve it).
 
     Args:
         mlp: From :func:`fused_mlp` (detached here).
@@ -84,6 +86,7 @@ class SolverNet:
         self.mlp = mlp = mlp.detached()
         self.layers: list[tuple[Tensor, Tensor | None, str | None, float | None]] = []
         scale: Tensor | float = 1.0
+        context_weight = mlp.context_weight
         for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
             kind = mlp.kinds[i] if i < len(mlp.kinds) else None
             w = w * scale
@@ -93,16 +96,22 @@ class SolverNet:
                 # sigmoid(beta z) by at most beta_min |z| / 4: nothing in float32/64, < 1.5e-5 |z| in float16
                 beta = mlp.betas[i].clamp(min=4.0 / torch.finfo(w.dtype).max)
                 w, b = w * beta, None if b is None else b * beta
+                if i == 0 and context_weight is not None:
+                    context_weight = context_weight * beta
                 scale = 1.0 / (_LIPSWISH_SCALE * beta)
             self.layers.append((w.t(), b, kind, mlp.alphas[i] if kind else None))
+        self.context_weight_t = None if context_weight is None else context_weight.t()
         self.weights_t = [wt for wt, *_ in self.layers]
 
-    def __call__(self, x: Tensor) -> Tensor:
-        r"""$g(x)$ for ``x`` of shape ``(N, d)``; overwrites its temporaries in place, so do not
-        differentiate through it."""
-        return self._forward(x, keep=False)[0]
+    def __call__(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        r"""$g(x)$ (or $g(x, c)$ for a conditional net) for ``x`` of shape ``(N, d)`` and ``context``
+        of shape ``(N, context_dim)``; overwrites its temporaries in place, so do not differentiate
+        through it."""
+        if (self.context_weight_t is None) != (context is None):
+            raise ValueError("SolverNet: pass a context exactly when the net is conditional")
+        return self._forward(x, keep=False, context=context)[0]
 
-    def _forward(self, x: Tensor, keep: bool) -> tuple[Tensor, list[Tensor]]:
+    def _forward(self, x: Tensor, keep: bool, context: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
         """$g(x)$ (fresh) and, with ``keep``, the hidden layers' folded pre-activations (scratch
         tensors, valid until the next call)."""
         h, pre = x, []
@@ -110,6 +119,8 @@ class SolverNet:
         for i, (wt, b, kind, alpha) in enumerate(self.layers):
             out = _scratch(("solver_u", i), (h.shape[0], wt.shape[1]), h) if keep and i < last else None
             h = torch.mm(h, wt, out=out) if b is None else torch.addmm(b, h, wt, out=out)
+            if i == 0 and context is not None:
+                h.addmm_(context, self.context_weight_t)
             if i == last:
                 break
             if keep:
@@ -268,7 +279,7 @@ class _NewtonInverse(torch.autograd.Function):
         _, cache = _forward(ctx.mlp, x)
         inv_t = _inverse(_jacobian(ctx.mlp, cache)[0]).mT
         u = torch.bmm(inv_t, grad_x.unsqueeze(-1)).squeeze(-1)  # u = (I + J)^{-T} grad_x
-        _, grads = _backward(ctx.mlp, cache, -u, None, None)
+        _, grads, _ = _backward(ctx.mlp, cache, -u, None, None)
         return (None, u, *ctx.mlp.raw_weight_grads(grads))
 
 

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
 from .block import ResidualBlock
+from .context import ConcatContextNet
 from .errors import check_positive_int
-from .lipschitz import LipschitzMLP, _tensor_state, lipschitz_bound
+from .lipschitz import LipschitzMLP, _tensor_state
 
 _NET_OPTIONS = ("coeff", "activation", "n_power_iterations")
 
@@ -277,43 +278,6 @@ class ConditionalInvertibleResidual(ConditionalTransformModule):
     def condition(self, context: Tensor) -> ConditionedInvertibleResidual:
         """The transform at ``context`` (shape ``(..., context_dim)``), cached (``cache_size=1``)."""
         return ConditionedInvertibleResidual(self.block, context)
-
-
-class ConcatContextNet(nn.Module):
-    r"""$g(x, c) = \mathrm{net}([x, c])$. Since $\|[\tilde W_x, \tilde W_c]\|_2 \ge \|\tilde W_x\|_2$,
-    a Lipschitz ``net`` is a contraction in $x$ for every context $c$:
-
-    $$ \mathrm{Lip}_x(g(\cdot, c)) \le \mathrm{Lip}(\mathrm{net}) < 1. $$
-
-    Args:
-        net: Network on ``input_dim + context_dim`` features returning ``input_dim``.
-        context_dim: Size of the context.
-
-    References:
-        Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
-
-    Examples:
-        >>> g = ConcatContextNet(LipschitzMLP([2 + 3, 16, 2], coeff=0.9), context_dim=3)
-        >>> g(torch.randn(4, 2), torch.randn(4, 3)).shape
-        torch.Size([4, 2])
-        >>> g.lipschitz_constant() < 1
-        True
-    """
-
-    def __init__(self, net: nn.Module, context_dim: int) -> None:
-        super().__init__()
-        self.net = net
-        self.context_dim = check_positive_int("context_dim", context_dim)
-        in_shape = getattr(net, "event_shape", None)
-        self.event_shape = None if in_shape is None else (in_shape[0] - context_dim,)
-
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        return self.net(torch.cat([x, context], dim=-1))
-
-    def lipschitz_constant(self) -> float:
-        """Certified Lipschitz constant in $(x, c)$, hence in $x$ (:func:`~pyro_iresnet.lipschitz_bound`
-        of ``net``)."""
-        return lipschitz_bound(self.net)
 
 
 def _split_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -12,7 +12,8 @@ from torch import nn
 
 import pyro_iresnet.block as block_module
 import pyro_iresnet.fused_inverse as fused_inverse_module
-from pyro_iresnet import LipschitzMLP, ResidualBlock
+from pyro_iresnet import LipschitzMLP, ResidualBlock, SpectralNormLinear
+from pyro_iresnet.context import ConcatContextNet
 from pyro_iresnet.fused import fused_logdet, fused_mlp
 from pyro_iresnet.fused_inverse import SolverNet, newton_inverse, newton_inverse_and_logdet, solver_net
 from pyro_iresnet.logdet import exact_logdet
@@ -377,6 +378,8 @@ def test_solver_net_with_a_vanishing_lipswish_beta(raw_beta: float) -> None:
 def test_newton_argument_checks() -> None:
     with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path"):
         ResidualBlock(nn.Sequential(nn.Linear(2, 2)), inverse_method="newton")
+    with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path without a context"):
+        ResidualBlock(ConcatContextNet(LipschitzMLP([2 + 3, 8, 2]), context_dim=3), inverse_method="newton")
     with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path"):
         ResidualBlock(LipschitzMLP([2, 8, 2]), inverse_method="newton", fused=False)
 
@@ -478,3 +481,104 @@ def test_fused_logdet_and_gradients_honour_a_non_default_elu_alpha() -> None:
     torch.testing.assert_close(logdet, logdet_ref, rtol=1e-10, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10)
+
+
+# -- conditional nets: ConcatContextNet over a LipschitzMLP ------------------------------------------
+def _conditional_net(dims: list[int], context_dim: int, activation: str = "lipswish") -> ConcatContextNet:
+    """A ConcatContextNet whose every normalisation is active and whose context moves the slopes."""
+    return ConcatContextNet(make_active_mlp(dims, coeff=0.95, activation=activation), context_dim)
+
+
+def _run_conditional(net: nn.Module, fused: bool, x: torch.Tensor, context: torch.Tensor, weights: torch.Tensor,
+                     seed: int, **options):
+    block = ResidualBlock(net, fused=fused, **options)
+    torch.manual_seed(seed)
+    x, context = x.clone().requires_grad_(), context.clone().requires_grad_()
+    y, logdet = block.forward_and_logdet(x, context)
+    loss = (weights * logdet).sum() + (torch.linspace(-1, 2, x.shape[-1], dtype=x.dtype) * y.sin()).sum()
+    return y.detach(), logdet.detach(), torch.autograd.grad(loss, [x, context, *net.parameters()])
+
+
+@pytest.mark.parametrize(
+    ("dims", "context_dim", "activation", "options"),
+    [
+        ([2 + 3, 16, 16, 2], 3, "lipswish", {"logdet": "exact"}),
+        ([1 + 2, 8, 1], 2, "elu", {"logdet": "exact"}),
+        ([3 + 1, 12, 12, 3], 1, "lipswish", {"logdet": "unbiased", "n_exact_terms": 3}),
+        ([3 + 1, 12, 12, 3], 1, "lipswish", {"logdet": "unbiased", "neumann_grad": False}),
+        ([4 + 2, 10, 4], 2, "elu", {"logdet": "series", "n_terms": 3, "memory_efficient": True}),
+        ([2 + 2, 8, 8, 8, 2], 2, "lipswish", {"logdet": "unbiased", "roulette": "poisson", "n_probes": 2}),
+        ([3 + 2, 3], 2, "lipswish", {"logdet": "series", "n_terms": 4}),  # no hidden layer
+    ],
+)
+def test_conditional_matches_generic_path(dims: list[int], context_dim: int, activation: str, options: dict) -> None:
+    """The context enters the fused path through the first layer: same values and gradients (input,
+    context, every parameter; weighted per-sample losses) as autograd through ``net([x, c])``."""
+    net = _conditional_net(dims, context_dim, activation)
+    d = dims[-1]
+    x = torch.randn(6, d, dtype=torch.float64) * 2
+    context = torch.randn(6, context_dim, dtype=torch.float64) * 2
+    weights = torch.rand(6, dtype=torch.float64) * 3 - 1
+    fast = _run_conditional(net, True, x, context, weights, seed=3, **options)
+    # the generic memory-efficient estimator refuses a context gradient: the reference runs without it
+    generic = {key: value for key, value in options.items() if key != "memory_efficient"}
+    slow = _run_conditional(net, False, x, context, weights, seed=3, **generic)
+    torch.testing.assert_close(fast[0], slow[0], rtol=TOL, atol=TOL)
+    torch.testing.assert_close(fast[1], slow[1], rtol=TOL, atol=TOL)
+    for g_fast, g_slow in zip(fast[2], slow[2]):
+        torch.testing.assert_close(g_fast, g_slow, rtol=TOL, atol=TOL)
+    assert float(fast[2][1].abs().max()) > 1e-3  # the context gradient is not vacuous
+
+
+def test_conditional_exact_logdet_equals_slogdet_of_the_jacobian_in_x() -> None:
+    net = _conditional_net([2 + 3, 16, 16, 2], 3)
+    x, context = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    _, logdet = fused_logdet(fused_mlp(net), x, "exact", context=context)
+    for x_i, c_i, logdet_i in zip(x, context, logdet):
+        jac = torch.autograd.functional.jacobian(lambda z, c=c_i: z + net(z[None], c[None])[0], x_i)
+        torch.testing.assert_close(logdet_i, torch.linalg.slogdet(jac).logabsdet, rtol=0, atol=1e-12)
+
+
+def test_conditional_inverse_and_gradients_match_generic_path() -> None:
+    """Sampling direction: the solver iterations run the fused net with the context; the solution,
+    the log-det and the implicit gradients (target, context, parameters) are the generic path's."""
+    net = _conditional_net([2 + 3, 16, 16, 2], 3)
+    y = torch.randn(7, 2, dtype=torch.float64) * 2
+    context = torch.randn(7, 3, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        block = ResidualBlock(net, fused=fused).eval()
+        y_leaf, c_leaf = y.clone().requires_grad_(), context.clone().requires_grad_()
+        x, logdet = block.inverse_and_logdet(y_leaf, c_leaf)
+        with torch.no_grad():
+            assert float((block(x, context) - y).abs().max()) <= 1e-11
+        loss = x.pow(3).sum() + logdet.sum()
+        results.append((x.detach(), logdet.detach(), torch.autograd.grad(loss, [y_leaf, c_leaf, *net.parameters()])))
+    (x1, l1, g1), (x2, l2, g2) = results
+    torch.testing.assert_close(x1, x2, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(l1, l2, rtol=TOL, atol=TOL)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_conditional_solver_net_and_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = _conditional_net([2 + 3, 8, 8, 2], 3)
+    x, context = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    solver = solver_net(fused_mlp(net))
+    with torch.no_grad():
+        torch.testing.assert_close(solver(x, context), net(x, context), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="pass a context exactly when the net is conditional"):
+        solver(x)
+    with pytest.raises(ValueError, match="pass a context exactly when the net is conditional"):
+        fused_logdet(fused_mlp(net), x, "exact")
+    calls = []
+    original = block_module.fused_logdet
+    monkeypatch.setattr(block_module, "fused_logdet", lambda *a, **k: calls.append(1) or original(*a, **k))
+    ResidualBlock(net).forward_and_logdet(x, context)  # auto: fast
+    assert len(calls) == 1
+    ResidualBlock(net, fused=False).forward_and_logdet(x, context)
+    over_generic = ConcatContextNet(nn.Sequential(SpectralNormLinear(5, 2, coeff=0.9)), context_dim=3).double()
+    ResidualBlock(over_generic).forward_and_logdet(x, context)  # auto: generic for other inner nets
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="fused=True needs a LipschitzMLP"):
+        ResidualBlock(over_generic, fused=True)
