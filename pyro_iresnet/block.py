@@ -37,7 +37,7 @@ from .errors import (
     check_finite,
     check_positive_finite,
     check_positive_int,
-    check_probability,
+    check_roulette_p,
     check_tolerance,
 )
 from .fused import FusedMLP, fused_logdet, fused_mlp, supports_fused
@@ -165,7 +165,7 @@ class ResidualBlock(nn.Module):
         n_terms: Number of series terms for ``"series"``.
         n_exact_terms: Terms always computed by ``"unbiased"``.
         roulette: ``"geometric"`` (parameter ``p``) or ``"poisson"`` (parameter ``lam``).
-        p: Success probability of the geometric roulette.
+        p: Success probability of the geometric roulette, in $(0, 1)$.
         lam: Rate of the Poisson roulette.
         n_roulette_draws: Roulette draws averaged into the term weights.
         n_probes: Hutchinson probes per sample.
@@ -256,7 +256,7 @@ class ResidualBlock(nn.Module):
         self.n_terms = check_positive_int("n_terms", n_terms)
         self.n_exact_terms = check_positive_int("n_exact_terms", n_exact_terms, minimum=0)
         self.roulette = check_choice("roulette", roulette, ("geometric", "poisson"))
-        self.p = check_probability("p", p)
+        self.p = check_roulette_p("p", p)
         self.lam = check_positive_finite("lam", lam)
         self.n_roulette_draws = check_positive_int("n_roulette_draws", n_roulette_draws)
         self.n_probes = check_positive_int("n_probes", n_probes)

@@ -214,9 +214,9 @@ class SpectralNormConv2d(_SpectralNorm):
     def _apply_adjoint(self, w: Tensor, y: Tensor) -> Tensor:
         return F.conv_transpose2d(y.unsqueeze(0), w, padding=self.padding).squeeze(0)
 
-    def exact_operator_norm(self) -> float:
-        """Exact operator norm of the raw convolution at ``input_shape`` (:func:`conv_operator_norm`)."""
-        return conv_operator_norm(self.weight, self.input_shape, self.padding)
+    def _operator_norm(self, weight: Tensor) -> float:
+        """Exact operator norm of the convolution with ``weight`` at ``input_shape`` (:func:`conv_operator_norm`)."""
+        return conv_operator_norm(weight, self.input_shape, self.padding)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-3:] != self.input_shape:

@@ -131,8 +131,9 @@ def check_unit_interval(name: str, value: float) -> float:
     return _check_real(name, value, lambda v: 0.0 < v < 1.0, "a float in (0, 1)", "in (0, 1)")
 
 
-def check_probability(name: str, value: float) -> float:
-    """Require ``0 < value <= 1`` (e.g. the geometric roulette's success probability ``p``).
+def check_roulette_p(name: str, value: float) -> float:
+    """Require ``0 < value < 1`` for the geometric roulette's success probability ``p``: with
+    $p = 1$ every draw is $N = 1$, so the "unbiased" series would be a fixed truncation, biased.
 
     Args:
         name: Argument name used in the message.
@@ -144,18 +145,20 @@ def check_probability(name: str, value: float) -> float:
     Raises:
         TypeError: If ``value`` is not a real number (``numbers.Real``, numpy scalars included;
             ``bool`` refused).
-        ValueError: If ``value`` is outside $(0, 1]$.
+        ValueError: If ``value`` is outside $(0, 1)$.
 
     Examples:
         >>> import numpy as np
-        >>> check_probability("p", 1), check_probability("p", np.float32(0.5))
-        (1.0, 0.5)
-        >>> check_probability("p", 0.0)
+        >>> check_roulette_p("p", np.float32(0.5))
+        0.5
+        >>> check_roulette_p("p", 1.0)
         Traceback (most recent call last):
             ...
-        ValueError: p must be in (0, 1], got 0.0
+        ValueError: p must be in (0, 1) (p = 1 always stops the roulette after one term: ...), got 1.0
     """
-    return _check_real(name, value, lambda v: 0.0 < v <= 1.0, "a float in (0, 1]", "in (0, 1]")
+    rule = ("in (0, 1) (p = 1 always stops the roulette after one term: a fixed truncation, not an unbiased "
+            "estimate; for that use logdet='series')")
+    return _check_real(name, value, lambda v: 0.0 < v < 1.0, "a float in (0, 1)", rule)
 
 
 def check_positive_finite(name: str, value: float) -> float:

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .conv import LipschitzCNN, _check_shape
-from .errors import check_positive_int, check_unit_interval
+from .errors import check_finite, check_positive_int, check_unit_interval
 from .pyro import InvertibleResidual, _FreshCache, _split_options
 
 _IMAGE = constraints.independent(constraints.real, 3)
@@ -211,6 +211,8 @@ class ActNorm(_FreshCache, TransformModule):
         per_channel = x.detach().movedim(-3, 0).reshape(self.num_channels, -1)
         if per_channel.shape[1] < 2:  # no standard deviation yet: stay the identity until then
             return
+        # a NaN/Inf in this batch would set the parameters for good (and raise at every later call)
+        check_finite("x (the batch that initialises ActNorm; it stays uninitialised)", per_channel)
         log_scale = -torch.log(per_channel.std(dim=1) + self.eps)
         self.log_scale.copy_(log_scale)
         self.bias.copy_(-per_channel.mean(dim=1) * log_scale.exp())

@@ -9,7 +9,9 @@ Iteration stops per sample on the residual $\|x + g(x) - y\|_\infty \le
 \mathrm{atol} + \mathrm{rtol}\,\|y\|_\infty$, runs without recording a graph, and is differentiated
 implicitly: with $v = \partial \ell / \partial x^*$, the adjoint $u$ solves $u = v - J_g^\top u$
 (again a contraction) and $\partial\ell/\partial y = u$, $\partial\ell/\partial\theta = -u^\top
-\partial g/\partial\theta$.
+\partial g/\partial\theta$. The adjoint is linear in $v$, so its tolerance is in units of $v$:
+$\|u + J_g^\top u - v_n\|_\infty \le \mathrm{atol}\,\max_m \|v_m\|_\infty + \mathrm{rtol}\,\|v_n\|_\infty$ per
+sample, and scaling the loss does not change the gradient's relative accuracy.
 
 References:
     Invertible Residual Networks (Behrmann et al., 2019), Algorithm 1,
@@ -108,6 +110,15 @@ def _tolerances(dtype: torch.dtype, atol: float | None, rtol: float | None) -> t
 def _residual_tolerance(y: Tensor, atol: float, rtol: float) -> Tensor:
     """``atol + rtol * max|y|`` per sample; Inf for a NaN target (whose NaN residual ends it at once)."""
     return (atol + rtol * y.flatten(1).abs().amax(1)).nan_to_num(nan=math.inf)
+
+
+def _adjoint_tolerance(v: Tensor, atol: float, rtol: float) -> Tensor:
+    r"""$\mathrm{atol}\max_m \|v_m\|_\infty + \mathrm{rtol}\|v_n\|_\infty$ per sample: the adjoint
+    $u = v - J^\top u$ is linear in $v$, so an absolute tolerance in the units of $y$ would stop it
+    early (a wrong gradient, silently) whenever the upstream gradient is small; Inf where NaN."""
+    per_sample = v.flatten(1).abs().amax(1)
+    scale = per_sample.amax() if per_sample.numel() else per_sample.new_zeros(())
+    return (atol * scale + rtol * per_sample).nan_to_num(nan=math.inf)
 
 
 def _finished(residual: Tensor, tol: Tensor) -> Tensor:
@@ -327,7 +338,7 @@ class _ImplicitInverse(torch.autograd.Function):
 
             # the plain fixed point (whatever the forward's method): u <- v - J^T u, per-sample exit,
             # Anderson if it stalls
-            tol = _residual_tolerance(grad_x, config.atol, config.rtol)
+            tol = _adjoint_tolerance(grad_x, config.atol, config.rtol)
             u, info = _plain_fixed_point(jtu_rows, grad_x, tol, config.max_iter)
             if not info.converged:
                 _report(info, "adjoint of the inverse", config.strict, config.lipschitz())
@@ -361,8 +372,10 @@ def fixed_point_inverse(
         y: Targets of shape ``(N, *event)``.
         params: The tensors $g$ depends on that should receive gradients.
         context: Optional per-sample context ``(N, c)``; then $g$ is called as ``g(x, context)``.
-        atol: Absolute residual tolerance (default from :func:`default_tolerances`).
-        rtol: Tolerance relative to $\|y\|_\infty$ per sample.
+        atol: Absolute residual tolerance (default from :func:`default_tolerances`); the adjoint
+            solve uses it relative to the largest upstream gradient of the batch.
+        rtol: Tolerance relative to $\|y\|_\infty$ per sample (the adjoint's: to the sample's
+            upstream gradient).
         max_iter: Iteration cap of the solve and of the adjoint solve.
         method: ``"fixed_point"`` (Banach iteration with per-sample early exit) or
             ``"anderson"`` (Anderson acceleration).

@@ -40,7 +40,14 @@ from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, _InverseTransform
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .errors import LipschitzWarning, NonFiniteError, check_choice, check_positive_int, check_unit_interval
+from .errors import (
+    LipschitzWarning,
+    NonFiniteError,
+    all_finite,
+    check_choice,
+    check_positive_int,
+    check_unit_interval,
+)
 from .logdet import _upcast_half
 
 _MAX_INIT_ITERATIONS = 10_000
@@ -169,11 +176,7 @@ class _SpectralNorm(nn.Module):
         Warns:
             LipschitzWarning: If the iteration runs out of its 10,000 steps short of ``rtol``
                 (``stacklevel`` 3: past the ``no_grad`` wrapper, at this method's caller)."""
-        if not bool(torch.isfinite(self.weight).all()):
-            raise NonFiniteError(
-                f"the weight of {type(self).__name__}({self.extra_repr()}) holds NaN/Inf, so its spectral "
-                "norm is undefined; restore the weight (e.g. from a checkpoint) or lower the learning rate"
-            )
+        self._require_finite_weight()
         self._restart_degenerate_buffers()
         top = self._top_singular()
         if top is not None:
@@ -279,9 +282,20 @@ class _SpectralNorm(nn.Module):
         scale = torch.clamp(self.sigma_estimate() / self.coeff, min=1.0)
         return self.weight / scale
 
+    def _require_finite_weight(self) -> None:
+        if not all_finite(self.weight.detach()):
+            raise NonFiniteError(
+                f"the weight of {type(self).__name__}({self.extra_repr()}) holds NaN/Inf, so its spectral "
+                "norm is undefined; restore the weight (e.g. from a checkpoint) or lower the learning rate"
+            )
+
+    def _operator_norm(self, weight: Tensor) -> float:
+        """Exact norm of the operator the layer would apply with ``weight`` (any float dtype)."""
+        raise NotImplementedError
+
     def exact_operator_norm(self) -> float:
         """Exact spectral norm of the raw operator."""
-        raise NotImplementedError
+        return self._operator_norm(self.weight)
 
     def _top_singular(self) -> tuple[Tensor, Tensor, float] | None:
         """The raw operator's top left and right singular vectors (shaped as ``u`` and ``v``) and its
@@ -289,11 +303,16 @@ class _SpectralNorm(nn.Module):
         return None
 
     def lipschitz_constant(self) -> float:
-        """Certified Lipschitz constant of the layer: the exact norm of the normalised operator."""
+        r"""Certified Lipschitz constant of the layer: the exact norm of the normalised operator as the
+        layer applies it, $\tilde W = W / \max(1, \tilde\sigma / c)$ rounded in the weight's dtype (in
+        float16/bfloat16 that rounding can lift $\|\tilde W\|$ above $\|W\| / \max(1, \tilde\sigma / c)$
+        by a few parts in $10^3$).
+
+        Raises:
+            NonFiniteError: If the weight holds NaN/Inf (no norm to certify)."""
         with torch.no_grad():
-            raw = self.exact_operator_norm()
-            sigma = float(self.sigma_estimate())
-            return raw / max(1.0, sigma / self.coeff)
+            self._require_finite_weight()
+            return self._operator_norm(self.normalized_weight())
 
     def _maybe_refresh(self) -> None:
         """A layer called on its own refreshes in training mode only; residual blocks also settle it
@@ -365,11 +384,11 @@ class SpectralNormLinear(_SpectralNorm):
     def _apply_adjoint(w: Tensor, y: Tensor) -> Tensor:
         return w.t() @ y
 
-    def exact_operator_norm(self) -> float:
-        r"""Exact spectral norm $\|W\|_2$ of the raw weight (``torch.linalg.matrix_norm(ord=2)``, in
-        float32 for half-precision weights, which it does not take)."""
+    def _operator_norm(self, weight: Tensor) -> float:
+        r"""Exact spectral norm $\|W\|_2$ (``torch.linalg.matrix_norm(ord=2)`` in float64, so that
+        a certificate is not short of it by the float32 SVD's rounding)."""
         with torch.no_grad():
-            return float(torch.linalg.matrix_norm(_upcast_half(self.weight), ord=2))
+            return float(torch.linalg.matrix_norm(weight.double(), ord=2))
 
     def _top_singular(self) -> tuple[Tensor, Tensor, float]:
         r"""$u_1$, $v_1$ and $\sigma_1$ of $W = \sum_i \sigma_i u_i v_i^\top$ from one SVD (then
@@ -560,7 +579,7 @@ def refresh_spectral_norm(module: nn.Module) -> None:
 
 
 _LIPSCHITZ_RULES: dict[type, Callable[[nn.Module], float]] = {
-    nn.ELU: lambda m: max(1.0, m.alpha),
+    nn.ELU: lambda m: max(1.0, abs(m.alpha)),  # slope alpha e^z below 0: |alpha| also for alpha < 0
     nn.ReLU: lambda m: 1.0,
     nn.LeakyReLU: lambda m: max(1.0, abs(m.negative_slope)),
     nn.Tanh: lambda m: 1.0,

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .errors import check_choice, check_positive_int
+from .errors import check_choice, check_positive_finite, check_positive_int, check_roulette_p
 from .first_order import USE_THE_GENERIC_PATH, first_order_backward
 
 Net = Callable[[Tensor], Tensor]
@@ -143,9 +143,12 @@ def _batch_jacobian(
         out = (g(xi.unsqueeze(0)) if ci is None else g(xi.unsqueeze(0), ci.unsqueeze(0))).squeeze(0)
         return out, out
 
+    dim = math.prod(x.shape[1:])
+    if x.shape[0] == 0:  # vmap cannot batch some ops (convolutions) over an empty batch
+        gx = g(x) if context is None else g(x, context)
+        return gx, x.new_zeros(0, dim, dim)
     in_dims = (0, None if context is None else 0)
     jac, gx = torch.func.vmap(torch.func.jacrev(single, has_aux=True), in_dims=in_dims)(x, context)
-    dim = math.prod(x.shape[1:])
     return gx, jac.reshape(x.shape[0], dim, dim)
 
 
@@ -230,11 +233,16 @@ def roulette_weights(
         n_exact_terms: $n_0 \ge 0$ terms always kept.
         roulette: ``"geometric"`` ($N \ge 1$, success probability ``param``) or ``"poisson"``
             ($N \ge 0$, rate ``param``).
-        param: ``p`` in ``(0, 1]`` or ``lam > 0``.
+        param: ``p`` in ``(0, 1)`` or ``lam > 0``.
         n_draws: Number of draws averaged in the weights.
 
     Returns:
         The weights $[w_1, \dots, w_n]$ (at least one), as floats.
+
+    Raises:
+        ValueError: If ``n_exact_terms`` is negative, ``n_draws`` below 1, ``roulette`` unknown, or
+            ``param`` out of its range.
+        TypeError: If an argument has the wrong type.
 
     References:
         Residual Flows for Invertible Generative Modeling (Chen et al., 2019), Eq. (6),
@@ -249,11 +257,13 @@ def roulette_weights(
         >>> [round(wk, 1) for wk in w[:3]]  # E[w_k] = 1
         [1.0, 1.0, 1.0]
     """
+    check_positive_int("n_exact_terms", n_exact_terms, minimum=0)
+    check_positive_int("n_draws", n_draws)
     check_choice("roulette", roulette, ("geometric", "poisson"))
     if roulette == "geometric":
-        draws = torch.empty(n_draws, dtype=torch.float64, device="cpu")
-        draws = draws.fill_(1.0) if param >= 1 else draws.geometric_(param)  # p = 1: always N = 1
+        draws = torch.empty(n_draws, dtype=torch.float64, device="cpu").geometric_(check_roulette_p("p", param))
     else:
+        check_positive_finite("lam", param)
         draws = torch.poisson(torch.full((n_draws,), float(param), dtype=torch.float64, device="cpu"))
     counts = [int(d) for d in draws.tolist()]  # CPU tensor: no device sync
     n_terms = max(n_exact_terms + max(counts), 1)
@@ -429,6 +439,13 @@ class _BackwardInForward(torch.autograd.Function):
         lambda ctx: (*ctx.saved_tensors, *ctx.params),
     )
     def backward(ctx, grad_gx: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.gx is None:  # freed by the first backward, to keep the memory saving
+            raise RuntimeError(
+                "Trying to backward through the memory-saving log-det (memory_efficient=True; normflows: "
+                "reduce_memory=True) a second time: its first backward frees what it kept, whatever "
+                "retain_graph says. To differentiate twice, use memory_efficient=False (normflows: "
+                "reduce_memory=False)."
+            )
         x_leaf, params = ctx.x_leaf, ctx.params
         grad_x_logdet, *grad_params_logdet = ctx.logdet_grads
         with torch.enable_grad():

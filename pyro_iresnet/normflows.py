@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .block import ResidualBlock, _eager_in_parameter_dtype
 from .conv import conv_operator_norm
-from .errors import check_choice, check_positive_finite, check_positive_int, check_probability
+from .errors import check_choice, check_positive_finite, check_positive_int, check_roulette_p
 from .fused import FusedMLP, _normalization, fused_mlp, supports_fused
 from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
 
@@ -82,7 +82,7 @@ def _block_options(
 ) -> dict[str, Any]:
     """normflows' arguments as :class:`~pyro_iresnet.ResidualBlock` options (validated under
     normflows' names, so errors name the argument the user passed)."""
-    check_probability("geom_p", geom_p)
+    check_roulette_p("geom_p", geom_p)
     _check_lamb(lamb)
     if n_power_series is not None:
         check_positive_int("n_power_series", n_power_series)
@@ -298,7 +298,7 @@ class Residual(Flow):
         reverse: Put the explicit map on the density (inverse) direction.
         reduce_memory: Neumann-series gradient and backward-in-forward (memory flat in the number
             of series terms).
-        geom_p: Success probability of the geometric roulette.
+        geom_p: Success probability of the geometric roulette, in $(0, 1)$.
         lamb: Rate of the Poisson roulette.
         n_power_series: Number of series terms for a truncated (biased) estimate, or ``None``
             for the unbiased Russian-roulette estimate.
@@ -368,7 +368,7 @@ class Residual(Flow):
 
     @geom_p.setter
     def geom_p(self, value: float) -> None:
-        self.block.p = check_probability("geom_p", value)
+        self.block.p = check_roulette_p("geom_p", value)
 
     @property
     def lamb(self) -> float:

@@ -16,6 +16,7 @@ from pyro_iresnet import (
     FactorOut,
     LipschitzCNN,
     LogitTransform,
+    ResidualBlock,
     SpectralNormConv2d,
     Squeeze,
     Unsqueeze,
@@ -642,3 +643,28 @@ def test_lanczos_operator_norm_leaves_the_global_rng_alone(monkeypatch: pytest.M
     lanczos = conv_operator_norm(w, (2, 5, 5), padding=1)
     assert torch.equal(torch.get_rng_state(), state)
     assert math.isclose(lanczos, dense, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_exact_logdet_of_a_convolutional_block_on_an_empty_batch(training: bool) -> None:
+    """vmap cannot batch a convolution over N = 0: the exact log-det (the eval default for small
+    images) raised an IndexError for an empty batch."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzCNN([2, 4, 2], [3, 3], (2, 3, 3), coeff=0.9), event_dim=3, logdet="exact")
+    block.train(training)
+    y, logdet = block.forward_and_logdet(torch.randn(0, 2, 3, 3))
+    assert y.shape == (0, 2, 3, 3) and logdet.shape == (0,)
+
+
+def test_actnorm_refuses_a_non_finite_initialisation_batch_and_stays_uninitialised() -> None:
+    """A NaN in the first batch set log_scale = NaN for good: every later call, also with clean data,
+    then failed. Now the first call raises and the next clean batch initialises."""
+    torch.manual_seed(0)
+    actnorm = ActNorm(2)
+    bad = torch.randn(8, 2, 3, 3)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"the batch that initialises ActNorm.*must be finite, got 1 NaN"):
+        actnorm(bad)
+    assert not bool(actnorm.initialized) and bool(torch.isfinite(actnorm.log_scale).all())
+    y = actnorm(torch.randn(8, 2, 3, 3) * 3 + 1)
+    assert bool(actnorm.initialized) and bool(torch.isfinite(y).all())

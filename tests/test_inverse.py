@@ -215,6 +215,25 @@ def test_implicit_gradient_matches_newton_reference(method: str) -> None:
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-12
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-4, 1e-8])
+def test_implicit_gradient_keeps_its_accuracy_for_a_small_upstream_gradient(scale: float) -> None:
+    """The adjoint is linear in the upstream gradient v, so its tolerance scales with v: with the
+    forward's absolute atol (1e-6 in float32) a loss scaled by 1e-4 (a mean over many elements)
+    stopped it after a few iterations and gave dL/dy off by ~1%, silently. Reference: the exact
+    adjoint (I + J)^{-T} v at the solution, in float64."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([16, 16], coeff=0.97)).eval()  # float32 defaults
+    y = (torch.randn(64, 16) * 2).requires_grad_()
+    target = torch.randn(64, 16)
+    x = block.inverse(y)
+    (grad_y,) = torch.autograd.grad(scale * ((x - target) ** 2).sum(), y)
+    x64, v = x.detach().double(), 2 * scale * (x.detach() - target).double()
+    with torch.no_grad():
+        jac = torch.func.vmap(torch.func.jacrev(lambda z: block.g(z[None].float())[0].double()))(x64)
+        exact = torch.linalg.solve((torch.eye(16, dtype=torch.float64) + jac).mT, v[..., None])[..., 0]
+    assert float((grad_y.double() - exact).norm() / exact.norm()) < 2e-5
+
+
 def test_non_convergence_warns_with_details_and_strict_raises() -> None:
     net = make_active_mlp([4, 16, 4], 0.98, torch.float64)
     y = 3 * torch.randn(5, 4, dtype=torch.float64)

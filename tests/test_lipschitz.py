@@ -14,6 +14,7 @@ from pyro_iresnet import (
     LipschitzMLP,
     LipschitzWarning,
     LipSwish,
+    NonFiniteError,
     ResidualBlock,
     SpectralNormLinear,
     iresnet,
@@ -343,9 +344,14 @@ def test_power_step_updates_v_then_u() -> None:
     torch.testing.assert_close(layer.u, u1, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("alpha, expected", [(2.0, 2.0), (0.5, 1.0)])
-def test_elu_bound_is_max_of_one_and_alpha(alpha: float, expected: float) -> None:
+@pytest.mark.parametrize("alpha, expected", [(2.0, 2.0), (0.5, 1.0), (-3.0, 3.0), (-0.5, 1.0)])
+def test_elu_bound_is_max_of_one_and_abs_alpha(alpha: float, expected: float) -> None:
+    """ELU's slope below 0 is alpha e^z: |alpha| bounds it for a negative alpha too (the rule
+    certified 1.0 for alpha = -3, below the finite-difference ratio 2.98 of ELU itself)."""
     assert lipschitz_bound(nn.Sequential(nn.ELU(alpha=alpha))) == expected
+    a, b = torch.full((1,), -1e-3, dtype=torch.float64), torch.full((1,), -2e-3, dtype=torch.float64)
+    elu = nn.ELU(alpha=alpha)
+    assert float((elu(a) - elu(b)).abs() / (a - b).abs()) <= expected
 
 
 def test_dropout_bound_is_inverse_keep_probability_in_training_only() -> None:
@@ -425,3 +431,29 @@ def test_nested_frozen_contexts_restore_the_outer_state() -> None:
     layer(torch.randn(4, 3))  # unfrozen: the pending power step runs
     assert not torch.equal(layer.u, u)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_certificate_bounds_the_weight_as_applied(dtype: torch.dtype) -> None:
+    """In float16/bfloat16 the applied W / max(1, sigma / c) is rounded: the certificate is the exact
+    norm of that rounded weight, not ||W|| / max(1, sigma / c) (which fell short of it by up to
+    4e-4 in float16 and 3e-3 in bfloat16). Reference: float64 norms of normalized_weight()."""
+    from pyro_iresnet.conv import SpectralNormConv2d, conv_operator_norm
+
+    for seed in range(12):
+        torch.manual_seed(seed)
+        linear = SpectralNormLinear(16, 16, coeff=0.97).to(dtype)
+        conv = SpectralNormConv2d(2, 2, 3, (2, 4, 4), coeff=0.97).to(dtype)
+        with torch.no_grad():
+            applied_linear = float(torch.linalg.matrix_norm(linear.normalized_weight().double(), ord=2))
+            applied_conv = conv_operator_norm(conv.normalized_weight().double(), (2, 4, 4), 1)
+        assert linear.lipschitz_constant() >= applied_linear * (1 - 1e-9)
+        assert conv.lipschitz_constant() >= applied_conv * (1 - 1e-9)
+
+
+def test_bound_of_a_non_finite_weight_names_the_layer() -> None:
+    net = LipschitzMLP([2, 8, 2])
+    with torch.no_grad():
+        net.layers[0].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"the weight of SpectralNormLinear\(in_features=2.*holds NaN/Inf"):
+        lipschitz_bound(net)

@@ -235,3 +235,23 @@ def test_exact_logdet_in_bfloat16_matches_the_float64_value() -> None:
     assert logdet.dtype == torch.bfloat16 and logdet.shape == (3,)
     expected = torch.linalg.slogdet(torch.eye(2, dtype=torch.float64) + a.double()).logabsdet
     assert (logdet.double() - expected).abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "match"),
+    [
+        ((-1, "geometric", 0.5), ValueError, r"n_exact_terms must be >= 0, got -1"),
+        ((2, "geometric", 1.5), ValueError, r"p must be in \(0, 1\)"),
+        ((2, "geometric", 1.0), ValueError, r"p must be in \(0, 1\)"),
+        ((2, "geometric", 0.0), ValueError, r"p must be in \(0, 1\)"),
+        ((2, "geometric", float("nan")), ValueError, r"p must be in \(0, 1\)"),
+        ((2, "poisson", -1.0), ValueError, r"lam must be a finite float > 0"),
+        ((2, "poisson", 2.0, 0), ValueError, r"n_draws must be >= 1, got 0"),
+        ((2, "uniform", 0.5), ValueError, r"roulette must be one of"),
+    ],
+)
+def test_roulette_weights_validates_its_arguments(args: tuple, error: type, match: str) -> None:
+    """A negative n_exact_terms silently gave the weights [0.0] (a zero log-det), p = 1.5 was taken
+    as p = 1, n_draws = 0 failed in max()."""
+    with pytest.raises(error, match=match):
+        roulette_weights(*args)
