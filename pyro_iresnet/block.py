@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .context import ConcatContextNet
 from .errors import (
     NonFiniteError,
     all_finite,
@@ -43,7 +44,14 @@ from .errors import (
 from .fused import FusedMLP, fused_logdet, fused_mlp, supports_fused
 from .fused_inverse import SolverNet, newton_inverse, newton_inverse_and_logdet, solver_net
 from .inverse import SolveInfo, fixed_point_inverse
-from .lipschitz import frozen_spectral_norm, lipschitz_bound, refresh_spectral_norm
+from .lipschitz import (
+    LipschitzMLP,
+    _spectral_norm_layers,
+    _tensor_state,
+    frozen_spectral_norm,
+    lipschitz_bound,
+    refresh_spectral_norm,
+)
 from .logdet import (
     backward_in_forward,
     draw_probes,
@@ -71,7 +79,9 @@ def _eager_in_parameter_dtype(method: _Method) -> _Method:
     layer): it runs eagerly and in the parameters' precision.
 
     * ``torch.compile``: the call is a graph break (tracing into the fused path or the series
-      estimators' double backward is not supported).
+      estimators' double backward is not supported). ``torch.jit.trace`` raises
+      ``NotImplementedError``: a trace would freeze the random roulette length and the solver's
+      data-dependent iteration counts.
     * Autocast: inside an autocast region for the inputs' device, autocast is off within the call
       and float16/bfloat16 tensor arguments (input, context) are cast to the parameters' dtype, as
       autocast does for its float32 operations: the inverse's tolerance, the power iteration and the
@@ -80,6 +90,12 @@ def _eager_in_parameter_dtype(method: _Method) -> _Method:
 
     @functools.wraps(method)
     def call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.jit.is_tracing():
+            raise NotImplementedError(
+                "residual blocks cannot be traced by torch.jit.trace (Pyro: JitTrace_ELBO): the trace would "
+                "freeze the roulette length, the solver's iteration counts and the input checks as constants "
+                "(a biased log-det); use Trace_ELBO, or torch.compile"
+            )
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
         if first is None or not torch.is_autocast_enabled(first.device.type):
             return method(self, *args, **kwargs)
@@ -250,6 +266,7 @@ class ResidualBlock(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
+        _check_residual_shape(net)
         self.net = net
         self.event_dim = check_positive_int("event_dim", event_dim)
         self.logdet_method = check_choice("logdet", logdet, LOGDET_METHODS)
@@ -282,6 +299,8 @@ class ResidualBlock(nn.Module):
                 f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
                 "use fused='auto' or False"
             )
+        if fused is True and self.event_dim != 1:
+            raise ValueError(f"fused=True needs event_dim=1 (the fused path is for vectors), got {self.event_dim}")
         if fused is True and exact_trace:
             raise ValueError(
                 "fused=True does not cover exact_trace=True (the fused path estimates traces with probes); "
@@ -289,10 +308,12 @@ class ResidualBlock(nn.Module):
             )
         self.fused = fused
         conditional = getattr(net, "context_dim", None) is not None
-        if inverse_method == "newton" and (fused is False or conditional or not self._supports_fused(net)):
+        unsupported = fused is False or conditional or self.event_dim != 1 or not self._supports_fused(net)
+        if inverse_method == "newton" and unsupported:
             raise ValueError(
                 f"inverse_method='newton' needs the fused path without a context (a LipschitzMLP with "
-                f"LipSwish/ELU and fused != False), got net {type(net).__name__} and fused={fused!r}"
+                f"LipSwish/ELU, event_dim=1 and fused != False), got net {type(net).__name__}, "
+                f"event_dim={self.event_dim} and fused={fused!r}"
             )
         self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
         self.context_dim: int | None = getattr(net, "context_dim", None)
@@ -316,7 +337,36 @@ class ResidualBlock(nn.Module):
     def g(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """$g(x)$ (or $g(x, c)$) on flattened inputs ``(N, *event)`` with power iteration frozen."""
         with frozen_spectral_norm(self.net):
-            return self.net(x) if context is None else self.net(x, context)
+            gx = self.net(x) if context is None else self.net(x, context)
+        if gx.shape != x.shape:
+            raise ValueError(
+                f"the net of residual block {self.name} ({type(self.net).__name__}) maps inputs of shape "
+                f"{tuple(x.shape)} to {tuple(gx.shape)}: a residual block x + g(x) needs g(x) shaped like x"
+            )
+        return gx
+
+    def _normalization_buffers(self) -> list[Tensor]:
+        """The power-iteration buffers that define the normalised weights $g$ applies."""
+        return [b for layer in _spectral_norm_layers(self.net) for b in (layer.u, layer.v)]
+
+    def _g_checked_later(self) -> Callable[..., Tensor]:
+        r""":meth:`g` for evaluations a backward pass runs later (the inverse's adjoint, the
+        memory-saving estimator's re-run): it raises if the power-iteration buffers changed since
+        this call, since the gradient would then belong to another $g$ than the values returned."""
+        buffers = self._normalization_buffers()
+        states = [_tensor_state(b) for b in buffers]
+
+        def g(x: Tensor, context: Tensor | None = None) -> Tensor:
+            if [_tensor_state(b) for b in buffers] != states:
+                raise RuntimeError(
+                    f"the power-iteration buffers (u, v) of residual block {self.name} changed between its forward "
+                    "pass and this backward pass (e.g. refresh_spectral_norm, a call in eval(), or normflows' "
+                    "update_lipschitz in between), so the gradient would belong to another g than the values: "
+                    "update them after the backward pass (normflows: after optimizer.step())"
+                )
+            return self.g(x, context)
+
+        return g
 
     def refresh_lipschitz(self) -> None:
         """Power iteration on $g$'s layers (see :func:`~pyro_iresnet.lipschitz.refresh_spectral_norm`),
@@ -336,7 +386,7 @@ class ResidualBlock(nn.Module):
 
     def _fused_net(self, context: Tensor | None) -> FusedMLP | None:
         """The fast-path parameters (see ``fused``) for this call, or ``None`` for the generic path."""
-        if self.fused is False or self.exact_trace:
+        if self.fused is False or self.exact_trace or self.event_dim != 1:
             return None
         return self._read_fused()
 
@@ -471,8 +521,10 @@ class ResidualBlock(nn.Module):
             with torch.set_grad_enabled(needs_grad):
                 return fused_logdet(fast, x, "series", weights, probes, self.neumann_grad, context)
 
+        g_checked = self._g_checked_later()
+
         def g(z: Tensor) -> Tensor:
-            return self.g(z, context)
+            return g_checked(z, context)
 
         if needs_grad and self.memory_efficient:
             if context is not None and context.requires_grad:
@@ -580,12 +632,12 @@ class ResidualBlock(nn.Module):
             return x, None
         with torch.no_grad():
             fast = self._fused_net(context)
-        g = self.g
+        g = g_checked = self._g_checked_later()
         if fast is not None:  # solver iterations (no_grad) skip the modules; the adjoint uses g
             g_solver = solver_net(fast)
 
             def g(x: Tensor, context: Tensor | None = None) -> Tensor:
-                return self.g(x, context) if torch.is_grad_enabled() else g_solver(x, context)
+                return g_checked(x, context) if torch.is_grad_enabled() else g_solver(x, context)
 
         x, info = fixed_point_inverse(
             g, y_flat, params, context=context,
@@ -643,6 +695,18 @@ class ResidualBlock(nn.Module):
             f"neumann_grad={self.neumann_grad}, memory_efficient={self.memory_efficient}, "
             f"inverse_method={self.inverse_method!r}"
         )
+
+
+def _check_residual_shape(net: nn.Module) -> None:
+    """For a ``LipschitzMLP`` (or a ``ConcatContextNet`` over one), whose sizes are known: the
+    output size must be the input size (less the context's), as $x + g(x)$ needs."""
+    mlp, context_dim = (net.net, net.context_dim) if type(net) is ConcatContextNet else (net, 0)
+    if type(mlp) is not LipschitzMLP:
+        return
+    d_in, d_out = mlp.layers[0].in_features - context_dim, mlp.layers[-1].out_features
+    if d_in != d_out:
+        what = f"input size {d_in}" + (f" ({d_in + context_dim} less context_dim {context_dim})" if context_dim else "")
+        raise ValueError(f"a residual block needs g(x) shaped like x, but the LipschitzMLP maps {what} to {d_out}")
 
 
 def _accepts_second_argument(net: nn.Module) -> bool:

@@ -42,6 +42,11 @@ class ConcatContextNet(nn.Module):
         self.net = net
         self.context_dim = check_positive_int("context_dim", context_dim)
         in_shape = getattr(net, "event_shape", None)
+        if in_shape is not None and in_shape[0] <= context_dim:
+            raise ValueError(
+                f"context_dim ({context_dim}) must be smaller than the net's input size ({in_shape[0]}): "
+                "the net takes [x, c]"
+            )
         self.event_shape = None if in_shape is None else (in_shape[0] - context_dim,)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:

@@ -216,7 +216,7 @@ def supports_fused(net: nn.Module) -> bool:
 
     That is: exactly the library's ``LipschitzMLP`` (not a subclass), whose layers alternate
     ``SpectralNormLinear`` and ``LipSwish`` / non-inplace ``nn.ELU``, or a
-    :class:`~pyro_iresnet.context.ConcatContextNet` over one with more inputs than ``context_dim``.
+    :class:`~pyro_iresnet.context.ConcatContextNet` over one.
 
     Args:
         net: The residual function $g$.
@@ -231,8 +231,7 @@ def supports_fused(net: nn.Module) -> bool:
         False
     """
     if type(net) is ConcatContextNet:
-        inner = net.net
-        return supports_fused(inner) and inner.layers[0].in_features > net.context_dim
+        return supports_fused(net.net)
     if type(net) is not LipschitzMLP or not isinstance(net.layers, nn.Sequential):
         return False
     layers = list(net.layers)

@@ -441,6 +441,9 @@ class FactorOut(_FreshCache, TransformModule):
         super().clear_cache()
         self._cached_logdet = None
 
+    def _cache_fields(self) -> dict[str, Any]:
+        return {**super()._cache_fields(), "_cached_logdet": None}
+
     def extra_repr(self) -> str:
         return f"keep_channels={self.keep_channels}"
 

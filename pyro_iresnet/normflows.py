@@ -234,7 +234,17 @@ class _NormflowsBlock(ResidualBlock):
     def __init__(self, net: nn.Module, **options: Any) -> None:
         super().__init__(net, **options)
         self.induced_norm_layers = [m for m in net.modules() if isinstance(m, _INDUCED_NORM_LAYERS)]
+        for layer in self.induced_norm_layers:
+            if layer.n_iterations is None and (layer.atol is None or layer.rtol is None):
+                raise ValueError(
+                    f"normflows' {type(layer).__name__} has neither an iteration count nor a tolerance for its "
+                    "power iteration, which this layer keeps fresh itself: build the net with max_lipschitz_iter "
+                    "(e.g. 5, normflows' default) or lipschitz_tolerance"
+                )
         self.input_sizes = _input_sizes(self.induced_norm_layers)
+
+    def _normalization_buffers(self) -> list[Tensor]:
+        return super()._normalization_buffers() + [b for m in self.induced_norm_layers for b in (m.u, m.v)]
 
     @staticmethod
     def _supports_fused(net: nn.Module) -> bool:

@@ -35,7 +35,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
-from .block import ResidualBlock
+from .block import ResidualBlock, _disable_dynamo
 from .context import ConcatContextNet
 from .errors import check_positive_int
 from .lipschitz import LipschitzMLP, _tensor_state
@@ -46,9 +46,12 @@ _NET_OPTIONS = ("coeff", "activation", "n_power_iterations")
 class _FreshCache:
     """torch's one-pair transform cache (``cache_size=1``), dropped when the state it was made in
     changes: the mode (``train()``/``eval()``, gradients recorded or not) or a tensor it depends
-    on (a parameter updated in place, an optimiser step, also one writing through ``.data``, or
-    ``.to()``). So the same input tensor passed again after a training step, or first under
-    ``no_grad`` and then with gradients, is computed afresh instead of served stale.
+    on (a parameter updated in place, an optimiser step, also one writing through ``.data``,
+    ``.to()``, or ``requires_grad_`` switched). So the same input tensor passed again after a
+    training step, first under ``no_grad`` and then with gradients, or after unfreezing the flow,
+    is computed afresh instead of served stale. The cache is not pickled (``torch.save``,
+    ``copy.deepcopy``): a copy starts with none. Its bookkeeping runs eagerly under
+    ``torch.compile`` (it reads version counters, on which compiled code would guard and recompile).
 
     Put it before the torch/Pyro ``Transform`` base class; ``_state_tensors`` and ``_training``
     say what the state is (by default the module's parameters and its ``training`` flag)."""
@@ -62,18 +65,23 @@ class _FreshCache:
         return self.training
 
     def _state(self) -> tuple:
-        return (self._training(), torch.is_grad_enabled(), *(_tensor_state(t) for t in self._state_tensors()))
+        tensors = self._state_tensors()
+        return (self._training(), torch.is_grad_enabled(), *(_tensor_state(t) for t in tensors),
+                *(t.requires_grad for t in tensors))
 
+    @_disable_dynamo
     def _drop_stale_cache(self) -> None:
         if self._cached_state is not None and self._cached_state != self._state():
             self.clear_cache()
 
+    @_disable_dynamo
     def __call__(self, x: Tensor) -> Tensor:
         self._drop_stale_cache()
         y = super().__call__(x)
         self._cached_state = self._state()
         return y
 
+    @_disable_dynamo
     def _inv_call(self, y: Tensor) -> Tensor:
         self._drop_stale_cache()
         x = super()._inv_call(y)
@@ -84,6 +92,18 @@ class _FreshCache:
         """Forget the cached pair (not needed after an optimiser step: see the class docstring)."""
         self._cached_x_y = None, None
         self._cached_state = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state without the cached tensors (the last batch's pair, a log-det with its graph),
+        which would bloat ``torch.save`` and make ``copy.deepcopy`` fail on non-leaf tensors."""
+        state = super().__getstate__()
+        for name, empty in self._cache_fields().items():
+            state[name] = empty
+        return state
+
+    def _cache_fields(self) -> dict[str, Any]:
+        """The attributes holding cached tensors, with their empty values."""
+        return {"_cached_x_y": (None, None), "_cached_state": None}
 
 
 class _ResidualTransform(_FreshCache):
@@ -123,6 +143,7 @@ class _ResidualTransform(_FreshCache):
     def _inverse(self, y: Tensor) -> Tensor:
         return self.block.inverse(y, self._context)
 
+    @_disable_dynamo
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         """Log-det of ``x -> y``, shape = batch shape. The pair just produced by ``_call`` is served
         from a cache (the same estimator draw); any other pair is estimated afresh at ``x``."""
@@ -137,6 +158,9 @@ class _ResidualTransform(_FreshCache):
         are dropped automatically once a parameter (or the context) changes in place, or the mode."""
         super().clear_cache()
         self._cached_logdet = None
+
+    def _cache_fields(self) -> dict[str, Any]:
+        return {**super()._cache_fields(), "_cached_logdet": None}
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         return torch.Size(shape)
@@ -230,7 +254,13 @@ class ConditionedInvertibleResidual(_ResidualTransform, Transform):
     def _broadcast_batch(self, shape: torch.Size) -> torch.Size:
         """``shape`` with its batch part broadcast against the context's batch shape."""
         event = shape[len(shape) - self.event_dim:]
-        batch = torch.broadcast_shapes(shape[: len(shape) - self.event_dim], self._context.shape[:-1])
+        try:
+            batch = torch.broadcast_shapes(shape[: len(shape) - self.event_dim], self._context.shape[:-1])
+        except RuntimeError:
+            raise ValueError(
+                f"residual block {self.block.name}: batch shape {tuple(shape[: len(shape) - self.event_dim])} does "
+                f"not broadcast with context shape {tuple(self._context.shape)}"
+            ) from None
         return torch.Size((*batch, *event))
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:

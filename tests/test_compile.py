@@ -125,3 +125,24 @@ def test_normflows_training_step_with_inductor():
         return [loss.detach(), *_grads(model)]
 
     _same(run, backend="inductor")
+
+
+def test_cache_bookkeeping_does_not_recompile_after_optimiser_steps():
+    """The transforms' cache state holds parameter version counters: traced, every optimiser step
+    changed a guarded value and recompiled until dynamo's limit. It now runs eagerly."""
+    torch.manual_seed(0)
+    flow_t = iresnet(2, hidden_dims=[8])
+    density = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow_t.inv])
+    opt = torch.optim.Adam(flow_t.parameters(), lr=1e-2)
+    loss_fn = torch.compile(lambda x: -density.log_prob(x).mean(), backend="aot_eager")
+
+    def step():
+        opt.zero_grad()
+        loss_fn(DATA).backward()
+        opt.step()
+
+    step()
+    step()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for _ in range(4):
+            step()

@@ -812,3 +812,78 @@ def test_event_dim_of_a_convolutional_net_is_its_spatial_rank_plus_one() -> None
     assert _event_dim(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1))) == 3
     assert _event_dim(nn.Sequential(nn.Conv3d(2, 4, 3, padding=1))) == 4
     assert _event_dim(nn.Sequential(nn.Linear(2, 2))) == 1
+
+
+def _unconverged_normflows_net(dim: int) -> nn.Module:
+    """A normflows LipschitzMLP whose power-iteration buffers are far from converged, so that an
+    update_lipschitz visibly changes the normalised weights."""
+    net = nf.nets.LipschitzMLP([dim, 16, dim], lipschitz_const=0.9, init_zeros=False, max_lipschitz_iter=1).double()
+    with torch.no_grad():
+        for layer in net.net[1::2]:
+            layer.weight.mul_(4)
+            layer.u.copy_(nn.functional.normalize(torch.randn_like(layer.u), dim=0))
+            layer.v.copy_(nn.functional.normalize(torch.randn_like(layer.v), dim=0))
+    return net
+
+
+@pytest.mark.parametrize("direction", ["inverse", "forward"])
+@pytest.mark.parametrize("options", [dict(fused=False), dict(fused=True), dict(fused=False, brute_force=True),
+                                     dict(fused=True, brute_force=True)],
+                         ids=["generic", "fused", "generic-exact", "fused-exact"])
+def test_update_lipschitz_between_forward_and_backward_never_gives_another_gs_gradient(
+    direction: str, options: dict
+) -> None:
+    """Evaluations of g at backward time (the adjoint of the solve, the memory-saving re-run for
+    weighted losses) read the power-iteration buffers: updated in between, they silently gave the
+    gradient of another g (off by 0.1-0.2). Now such a backward raises, as normflows' own layer does;
+    paths that keep what the forward applied give the same gradient."""
+    torch.manual_seed(0)
+    net0 = _unconverged_normflows_net(3)
+    x0 = torch.randn(4, 3, dtype=torch.float64)
+    weights = torch.tensor([1.0, -3.0, 0.5, 2.0], dtype=torch.float64)
+
+    def gradients(update_between: bool):
+        net = copy.deepcopy(net0)
+        layer = Residual(net, **options)
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(5)
+        z, log_det = getattr(layer, direction)(x)
+        loss = (z**2).sum() + (weights * log_det).sum()
+        if update_between:
+            nf.utils.update_lipschitz(layer, 50)
+        return torch.autograd.grad(loss, [x, *net.parameters()], allow_unused=True)
+
+    reference = gradients(False)
+    try:
+        updated = gradients(True)
+    except RuntimeError as error:
+        assert "changed between its forward pass and this backward pass" in str(error)
+        return
+    for a, b in zip(updated, reference):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_normflows_mlp_on_sequences_takes_the_generic_path() -> None:
+    """(batch, T, D) inputs with event_dim=2: the fused path (vectors only) crashed inside a matmul;
+    the block now takes the generic path, exact against the autograd Jacobian."""
+    torch.manual_seed(0)
+    net = nf.nets.LipschitzMLP([3, 16, 3], lipschitz_const=0.9, init_zeros=False).double()
+    layer = Residual(net, event_dim=2, brute_force=True)
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        z, log_det = layer.inverse(x)  # the explicit map
+        assert z.shape == x.shape and log_det.shape == (4,)
+        with torch.no_grad():
+            jac = torch.autograd.functional.jacobian(lambda v: layer.inverse(v[None])[0][0], x[0]).reshape(15, 15)
+        torch.testing.assert_close(log_det[0], torch.linalg.slogdet(jac).logabsdet, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="fused=True needs event_dim=1"):
+        Residual(net, event_dim=2, fused=True)
+
+
+def test_normflows_net_without_power_iteration_count_or_tolerance_is_refused_by_name() -> None:
+    net = nf.nets.LipschitzMLP([2, 8, 2], max_lipschitz_iter=None)
+    with pytest.raises(ValueError, match="max_lipschitz_iter .*or lipschitz_tolerance"):
+        Residual(net)
+    Residual(nf.nets.LipschitzMLP([2, 8, 2], max_lipschitz_iter=None, lipschitz_tolerance=1e-3))

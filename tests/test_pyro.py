@@ -20,11 +20,13 @@ from torch.distributions import ComposeTransform, Transform
 from pyro_iresnet import (
     ConditionalInvertibleResidual,
     InvertibleResidual,
+    LipschitzMLP,
     SpectralNormLinear,
     conditional_iresnet,
     iresnet,
     lipschitz_bound,
 )
+from pyro_iresnet.context import ConcatContextNet
 from tests.conftest import activate
 
 DTYPE = torch.float64
@@ -678,3 +680,72 @@ def test_n_power_iterations_reaches_the_layers_of_every_builder() -> None:
     ):
         layers = [m for m in t.modules() if isinstance(m, kind)]
         assert layers and all(m.n_power_iterations == 3 for m in layers)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_jit_tracing_raises_a_clear_error() -> None:
+    """torch.jit.trace (Pyro's JitTrace_ELBO) failed with internal errors (unordered_map::at); a trace
+    would freeze the roulette length and the solver's iteration counts, so it is refused by name."""
+    t = iresnet(2, hidden_dims=[8])
+    with pytest.raises(NotImplementedError, match="cannot be traced by torch.jit.trace"):
+        torch.jit.trace(lambda x: t(x), torch.randn(4, 2), check_trace=False)
+
+
+def test_residual_nets_of_the_wrong_output_size_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="needs g\\(x\\) shaped like x, but the LipschitzMLP maps input size 3 to 4"):
+        InvertibleResidual(LipschitzMLP([3, 8, 4]))
+    with pytest.raises(ValueError, match=r"maps input size 2 \(5 less context_dim 3\) to 3"):
+        ConditionalInvertibleResidual(ConcatContextNet(LipschitzMLP([5, 8, 3]), context_dim=3))
+    with pytest.raises(ValueError, match=r"context_dim \(3\) must be smaller than the net's input size \(3\)"):
+        ConcatContextNet(LipschitzMLP([3, 8, 3]), context_dim=3)
+    other = InvertibleResidual(nn.Sequential(SpectralNormLinear(3, 4, coeff=0.5)))  # sizes read at call time
+    with pytest.raises(ValueError, match=r"maps inputs of shape \(2, 3\) to \(2, 4\): a residual block"):
+        other(torch.randn(2, 3))
+
+
+def test_condition_with_a_context_that_does_not_broadcast_names_both_shapes() -> None:
+    t = conditional_iresnet(2, 2, hidden_dims=[8])
+    base = dist.Normal(torch.zeros(4, 2), 1.0).to_event(1)
+    flow = dist.ConditionalTransformedDistribution(base, [t])
+    with pytest.raises(ValueError, match=r"batch shape \(4,\) does not broadcast with context shape \(5, 2\)"):
+        flow.condition(torch.randn(5, 2))
+
+
+def test_cache_is_dropped_when_a_frozen_flow_is_unfrozen() -> None:
+    """The same data tensor, first with the flow frozen (only the base trains), then unfrozen: the
+    cached pair and log-det made without a graph were served again, so the first step after
+    unfreezing gave the flow no gradient, silently."""
+    torch.manual_seed(0)
+    t = iresnet(2, hidden_dims=[8])
+    loc = torch.zeros(2, requires_grad=True)
+    data = torch.randn(16, 2)
+
+    def log_prob() -> Tensor:
+        return dist.TransformedDistribution(dist.Normal(loc, 1.0).to_event(1), [t.inv]).log_prob(data).mean()
+
+    t.requires_grad_(False)
+    log_prob().backward()
+    t.requires_grad_(True)
+    log_prob().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().max() > 0) for p in t.parameters())
+
+
+def test_cached_tensors_are_neither_pickled_nor_deep_copied() -> None:
+    """After a call with gradients the cache holds the batch and a log-det with its graph:
+    torch.save embedded them and copy.deepcopy raised on the non-leaf tensors."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    t = iresnet(2, hidden_dims=[8])
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    fresh_size = buffer.tell()
+    x = torch.randn(20_000, 2)
+    t.log_abs_det_jacobian(x, t(x)).sum().backward()
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    assert buffer.tell() < fresh_size + 1000  # not the 20,000 x 2 batch
+    clone = copy.deepcopy(t)
+    assert clone._cached_logdet is None and clone._cached_x_y == (None, None)
+    torch.testing.assert_close(clone(x[:3]), t(x[:3]))
