@@ -632,7 +632,8 @@ class ResidualBlock(nn.Module):
             return x, None
         with torch.no_grad():
             fast = self._fused_net(context)
-        g = g_checked = self._g_checked_later()
+        # a backward pass evaluates g again (the adjoint) only if this call records a graph
+        g = g_checked = self._g_checked_later() if torch.is_grad_enabled() else self.g
         if fast is not None:  # solver iterations (no_grad) skip the modules; the adjoint uses g
             g_solver = solver_net(fast)
 
