@@ -290,7 +290,8 @@ class Residual(Flow):
     to ``exact_max_dim=64`` event entries, else the training estimator).
 
     With normflows' own nets (``normflows.nets.LipschitzMLP``/``LipschitzCNN``) the layer keeps
-    their power iteration fresh in training mode: ``compute_weight(update=True)`` on each
+    their power iteration fresh in training mode (and in ``eval()`` after optimiser steps it has
+    not seen, such as the last one of a training run): ``compute_weight(update=True)`` on each
     ``InducedNormLinear``/``InducedNormConv2d`` before the block runs, once per change of the
     weights (so a forward and an inverse between two optimiser steps see one operator).
     ``normflows.utils.update_lipschitz`` is no longer needed, and calling it stays harmless. Layers
@@ -452,18 +453,26 @@ class Residual(Flow):
         if not self.block.induced_norm_layers:  # the library's own nets: nothing of normflows' to keep
             return
         self.block.input_sizes = _input_sizes(self.block.induced_norm_layers)
-        if self.training:
-            self._refresh_induced_norms()
+        self._refresh_induced_norms()
 
     @torch.no_grad()
     def _refresh_induced_norms(self) -> None:
         """``compute_weight(update=True)`` on each induced-norm layer whose weight changed since its
-        last refresh, by this layer or by another one sharing the net (:func:`_power_iteration`)."""
+        last refresh, by this layer or by another one sharing the net (:func:`_power_iteration`).
+
+        In ``eval()`` only after optimiser steps the refreshes have not seen (the last step of a
+        training run: what normflows' ``update_lipschitz`` after it would do), so that the buffers of
+        a loaded checkpoint are used as they are."""
         for layer in self.block.induced_norm_layers:
             version = _tensor_state(layer.weight)
-            if _REFRESHED_FOR.get(layer) != version:
-                _power_iteration(layer)
-                _REFRESHED_FOR[layer] = version
+            last = _REFRESHED_FOR.get(layer)
+            if last == version:
+                continue
+            optimiser_steps = 0 if last is None else last[2]
+            if not self.training and version[2] == optimiser_steps:
+                continue
+            _power_iteration(layer)
+            _REFRESHED_FOR[layer] = version
 
     def extra_repr(self) -> str:
         return f"reverse={self.reverse}"

@@ -887,3 +887,33 @@ def test_normflows_net_without_power_iteration_count_or_tolerance_is_refused_by_
     with pytest.raises(ValueError, match="max_lipschitz_iter .*or lipschitz_tolerance"):
         Residual(net)
     Residual(nf.nets.LipschitzMLP([2, 8, 2], max_lipschitz_iter=None, lipschitz_tolerance=1e-3))
+
+
+def test_eval_after_the_last_optimiser_step_refreshes_normflows_power_iteration_once() -> None:
+    """After the last optimiser step of a run nothing refreshed normflows' power iteration in eval()
+    (the layer said update_lipschitz was unnecessary), so the applied weights were one step stale
+    (||W~|| / c up to 1.0056 at lr 3e-2). Now eval() runs what update_lipschitz(model, 5) after that
+    step does, bit for bit; a loaded checkpoint's buffers are kept as they are."""
+    torch.manual_seed(0)
+    flows = []
+    for _ in range(2):
+        flows += [Residual(nf.nets.LipschitzMLP([2, 32, 32, 2], lipschitz_const=0.9)), nf.flows.ActNorm(2)]
+    model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    data = torch.randn(64, 2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model.forward_kld(data).backward()
+        optimizer.step()
+    reference = copy.deepcopy(model)
+    nf.utils.update_lipschitz(reference, 5)
+    model.eval()
+    reference.eval()
+    x = torch.randn(32, 2)
+    with torch.no_grad():
+        assert torch.equal(model.log_prob(x), reference.log_prob(x))
+        buffers = [b.clone() for b in model.buffers()]
+        loaded = copy.deepcopy(reference)
+        loaded.load_state_dict(model.state_dict())
+        loaded.log_prob(x)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.buffers(), buffers))  # used as loaded
