@@ -22,7 +22,8 @@ import functools
 import inspect
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,7 +48,7 @@ from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import (
     LipschitzMLP,
     _spectral_norm_layers,
-    _tensor_state,
+    _version,
     frozen_spectral_norm,
     lipschitz_bound,
     refresh_spectral_norm,
@@ -345,26 +346,31 @@ class ResidualBlock(nn.Module):
             )
         return gx
 
-    def _normalization_buffers(self) -> list[Tensor]:
-        """The power-iteration buffers that define the normalised weights $g$ applies."""
-        return [b for layer in _spectral_norm_layers(self.net) for b in (layer.u, layer.v)]
+    def _normalization_buffers(self) -> list[tuple[nn.Module, str]]:
+        """The power-iteration buffers (module, name) that define the normalised weights $g$ applies."""
+        return [(layer, name) for layer in _spectral_norm_layers(self.net) for name in ("u", "v")]
 
-    def _g_checked_later(self) -> Callable[..., Tensor]:
-        r""":meth:`g` for evaluations a backward pass runs later (the inverse's adjoint, the
-        memory-saving estimator's re-run): it raises if the power-iteration buffers changed since
-        this call, since the gradient would then belong to another $g$ than the values returned."""
-        buffers = self._normalization_buffers()
-        states = [_tensor_state(b) for b in buffers]
+    def _g_for_backward(self) -> Callable[..., Tensor]:
+        r""":meth:`g` as this call applies it, for the evaluations a backward pass runs later (the
+        inverse's adjoint, the memory-saving estimator's re-run for weighted losses).
+
+        Its power-iteration buffers are copies taken now, so a refresh before that backward (a call
+        in ``eval()``, ``refresh_spectral_norm``, normflows' ``update_lipschitz``) does not change the
+        $g$ differentiated. A parameter of $g$ modified in place in between raises, as autograd does
+        for the tensors it saves: the gradient would belong to another $g$ than the values."""
+        snapshot = [(module, name, module._buffers[name].clone()) for module, name in self._normalization_buffers()]
+        parameters = list(self.net.parameters())
+        versions = [_version(p) for p in parameters]
 
         def g(x: Tensor, context: Tensor | None = None) -> Tensor:
-            if [_tensor_state(b) for b in buffers] != states:
+            if [_version(p) for p in parameters] != versions:
                 raise RuntimeError(
-                    f"the power-iteration buffers (u, v) of residual block {self.name} changed between its forward "
-                    "pass and this backward pass (e.g. refresh_spectral_norm, a call in eval(), or normflows' "
-                    "update_lipschitz in between), so the gradient would belong to another g than the values: "
-                    "update them after the backward pass (normflows: after optimizer.step())"
+                    f"a parameter of the net of residual block {self.name} was modified in place between its forward "
+                    "pass and this backward pass (e.g. an optimiser step in between), so the gradient would belong "
+                    "to another g than the values: call backward before the step"
                 )
-            return self.g(x, context)
+            with _swapped_buffers(snapshot):
+                return self.g(x, context)
 
         return g
 
@@ -521,10 +527,10 @@ class ResidualBlock(nn.Module):
             with torch.set_grad_enabled(needs_grad):
                 return fused_logdet(fast, x, "series", weights, probes, self.neumann_grad, context)
 
-        g_checked = self._g_checked_later()
+        g_later = self._g_for_backward()
 
         def g(z: Tensor) -> Tensor:
-            return g_checked(z, context)
+            return g_later(z, context)
 
         if needs_grad and self.memory_efficient:
             if context is not None and context.requires_grad:
@@ -633,12 +639,12 @@ class ResidualBlock(nn.Module):
         with torch.no_grad():
             fast = self._fused_net(context)
         # a backward pass evaluates g again (the adjoint) only if this call records a graph
-        g = g_checked = self._g_checked_later() if torch.is_grad_enabled() else self.g
+        g = g_later = self._g_for_backward() if torch.is_grad_enabled() else self.g
         if fast is not None:  # solver iterations (no_grad) skip the modules; the adjoint uses g
             g_solver = solver_net(fast)
 
             def g(x: Tensor, context: Tensor | None = None) -> Tensor:
-                return g_checked(x, context) if torch.is_grad_enabled() else g_solver(x, context)
+                return g_later(x, context) if torch.is_grad_enabled() else g_solver(x, context)
 
         x, info = fixed_point_inverse(
             g, y_flat, params, context=context,
@@ -696,6 +702,20 @@ class ResidualBlock(nn.Module):
             f"neumann_grad={self.neumann_grad}, memory_efficient={self.memory_efficient}, "
             f"inverse_method={self.inverse_method!r}"
         )
+
+
+@contextmanager
+def _swapped_buffers(snapshot: list[tuple[nn.Module, str, Tensor]]) -> Iterator[None]:
+    """Within the context each ``module._buffers[name]`` is the given tensor (the objects are swapped,
+    the buffers themselves are not written)."""
+    current = [(module, name, module._buffers[name]) for module, name, _ in snapshot]
+    for module, name, tensor in snapshot:
+        module._buffers[name] = tensor
+    try:
+        yield
+    finally:
+        for module, name, tensor in current:
+            module._buffers[name] = tensor
 
 
 def _check_residual_shape(net: nn.Module) -> None:

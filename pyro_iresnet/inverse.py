@@ -9,9 +9,10 @@ Iteration stops per sample on the residual $\|x + g(x) - y\|_\infty \le
 \mathrm{atol} + \mathrm{rtol}\,\|y\|_\infty$, runs without recording a graph, and is differentiated
 implicitly: with $v = \partial \ell / \partial x^*$, the adjoint $u$ solves $u = v - J_g^\top u$
 (again a contraction) and $\partial\ell/\partial y = u$, $\partial\ell/\partial\theta = -u^\top
-\partial g/\partial\theta$. The adjoint is linear in $v$, so its tolerance is in units of $v$:
-$\|u + J_g^\top u - v_n\|_\infty \le \mathrm{atol}\,\max_m \|v_m\|_\infty + \mathrm{rtol}\,\|v_n\|_\infty$ per
-sample, and scaling the loss does not change the gradient's relative accuracy.
+\partial g/\partial\theta$. The adjoint is linear in $v$, so its tolerance is in units of each
+sample's $v_n$: $\|u_n + J_g^\top u_n - v_n\|_\infty \le (\mathrm{atol} + \mathrm{rtol})\,\|v_n\|_\infty$ (the
+forward's tolerance at $\|y\|_\infty = 1$), and scaling the loss does not change the gradient's
+relative accuracy.
 
 References:
     Invertible Residual Networks (Behrmann et al., 2019), Algorithm 1,
@@ -113,12 +114,12 @@ def _residual_tolerance(y: Tensor, atol: float, rtol: float) -> Tensor:
 
 
 def _adjoint_tolerance(v: Tensor, atol: float, rtol: float) -> Tensor:
-    r"""$\mathrm{atol}\max_m \|v_m\|_\infty + \mathrm{rtol}\|v_n\|_\infty$ per sample: the adjoint
-    $u = v - J^\top u$ is linear in $v$, so an absolute tolerance in the units of $y$ would stop it
-    early (a wrong gradient, silently) whenever the upstream gradient is small; Inf where NaN."""
-    per_sample = v.flatten(1).abs().amax(1)
-    scale = per_sample.amax() if per_sample.numel() else per_sample.new_zeros(())
-    return (atol * scale + rtol * per_sample).nan_to_num(nan=math.inf)
+    r"""$(\mathrm{atol} + \mathrm{rtol})\,\|v_n\|_\infty$ per sample: the adjoint $u = v - J^\top u$ is
+    linear in $v$, so an absolute tolerance in the units of $y$ would stop it early (a wrong
+    gradient, silently) whenever the upstream gradient is small, and a batch-wide scale would
+    tie each sample's accuracy to the others' (and to a NaN among them). A zero row finishes at
+    once; Inf where NaN."""
+    return ((atol + rtol) * v.flatten(1).abs().amax(1)).nan_to_num(nan=math.inf)
 
 
 def _finished(residual: Tensor, tol: Tensor) -> Tensor:
@@ -373,9 +374,9 @@ def fixed_point_inverse(
         params: The tensors $g$ depends on that should receive gradients.
         context: Optional per-sample context ``(N, c)``; then $g$ is called as ``g(x, context)``.
         atol: Absolute residual tolerance (default from :func:`default_tolerances`); the adjoint
-            solve uses it relative to the largest upstream gradient of the batch.
-        rtol: Tolerance relative to $\|y\|_\infty$ per sample (the adjoint's: to the sample's
-            upstream gradient).
+            solve stops at $(\mathrm{atol} + \mathrm{rtol})\,\|v_n\|_\infty$, relative to each sample's
+            upstream gradient $v_n$.
+        rtol: Tolerance relative to $\|y\|_\infty$ per sample.
         max_iter: Iteration cap of the solve and of the adjoint solve.
         method: ``"fixed_point"`` (Banach iteration with per-sample early exit) or
             ``"anderson"`` (Anderson acceleration).

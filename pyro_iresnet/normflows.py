@@ -45,6 +45,9 @@ _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
 # The weight state (see ``_tensor_state``) each induced-norm layer's power iteration was last
 # refreshed for, kept per layer so that layers shared by several ``Residual``s are refreshed once.
 _REFRESHED_FOR: WeakKeyDictionary[nn.Module, tuple[int, int, int]] = WeakKeyDictionary()
+# The optimiser steps of its weight that each layer's buffers account for (at its last refresh, or
+# when loaded from a checkpoint): ``eval()`` refreshes only after steps beyond these.
+_STEPS_SEEN: WeakKeyDictionary[nn.Module, int] = WeakKeyDictionary()
 # normflows.flows.Residual's state_dict entries that have no counterpart here (estimator settings,
 # always constructor arguments, and the roulette's running statistics).
 _NORMFLOWS_ONLY_KEYS = ("geom_p", "lamb", "last_n_samples", "last_firmom", "last_secmom")
@@ -243,8 +246,8 @@ class _NormflowsBlock(ResidualBlock):
                 )
         self.input_sizes = _input_sizes(self.induced_norm_layers)
 
-    def _normalization_buffers(self) -> list[Tensor]:
-        return super()._normalization_buffers() + [b for m in self.induced_norm_layers for b in (m.u, m.v)]
+    def _normalization_buffers(self) -> list[tuple[nn.Module, str]]:
+        return super()._normalization_buffers() + [(m, name) for m in self.induced_norm_layers for name in ("u", "v")]
 
     @staticmethod
     def _supports_fused(net: nn.Module) -> bool:
@@ -371,6 +374,7 @@ class Residual(Flow):
         self.block = _NormflowsBlock(net, **block_options)
         self._convs_initialized = not any(isinstance(m, InducedNormConv2d) for m in self.block.induced_norm_layers)
         self._register_load_state_dict_pre_hook(_load_normflows_checkpoint, with_module=True)
+        self.register_load_state_dict_post_hook(_loaded_buffers_serve_eval)
 
     @property
     def geom_p(self) -> float:
@@ -465,17 +469,24 @@ class Residual(Flow):
         a loaded checkpoint are used as they are."""
         for layer in self.block.induced_norm_layers:
             version = _tensor_state(layer.weight)
-            last = _REFRESHED_FOR.get(layer)
-            if last == version:
+            if _REFRESHED_FOR.get(layer) == version:
                 continue
-            optimiser_steps = 0 if last is None else last[2]
-            if not self.training and version[2] == optimiser_steps:
+            if not self.training and version[2] == _STEPS_SEEN.get(layer, 0):
                 continue
             _power_iteration(layer)
             _REFRESHED_FOR[layer] = version
+            _STEPS_SEEN[layer] = version[2]
 
     def extra_repr(self) -> str:
         return f"reverse={self.reverse}"
+
+
+def _loaded_buffers_serve_eval(module: Residual, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook of :class:`Residual`: the loaded ``u``, ``v`` account for the
+    weight's optimiser steps so far, so ``eval()`` uses them as they are (training refreshes them
+    after the load, as after any change of the weights)."""
+    for layer in module.block.induced_norm_layers:
+        _STEPS_SEEN[layer] = _tensor_state(layer.weight)[2]
 
 
 def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

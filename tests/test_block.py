@@ -475,3 +475,53 @@ def test_torch_func_jacrev_through_the_generic_neumann_gradient() -> None:
     x_leaf = x.clone().requires_grad_(True)
     expected = torch.stack([torch.autograd.grad(log_density(x_leaf)[n], x_leaf)[0] for n in range(3)])
     torch.testing.assert_close(torch.func.jacrev(log_density)(x), expected)
+
+
+@pytest.mark.parametrize("fused", ["auto", False])
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_eval_call_between_forward_and_backward_leaves_the_gradient_unchanged(fused, memory_efficient) -> None:
+    """An eval() call (which settles the power iteration) between a forward pass and its backward
+    pass: the adjoint of the inverse and the memory-saving re-run evaluate g at backward time, and
+    used the new buffers (a gradient off by up to 14%, silently). They now use the forward's."""
+    torch.manual_seed(0)
+    net = LipschitzMLP([3, 16, 16, 3], coeff=0.9, n_power_iterations=1).double()
+    with torch.no_grad():
+        for layer in net.layers[0::2]:
+            layer.weight.mul_(3)  # far from the power iteration's converged u, v
+    y0 = torch.randn(5, 3, dtype=DTYPE)
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.1], dtype=DTYPE)
+
+    def gradients(eval_between: bool) -> list[torch.Tensor]:
+        block = ResidualBlock(copy.deepcopy(net), fused=fused, memory_efficient=memory_efficient, logdet="series")
+        y = y0.clone().requires_grad_()
+        torch.manual_seed(1)
+        x = block.inverse(y)
+        _, logdet = block.forward_and_logdet(x)
+        loss = (x**3).sum() + (weights * logdet).sum()
+        if eval_between:
+            with torch.no_grad():
+                block.eval().inverse(y0)
+        return torch.autograd.grad(loss, [y, *block.net.parameters()])
+
+    for a, b in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_parameter_changed_between_forward_and_backward_raises() -> None:
+    """A parameter modified in place (an optimiser step) before the backward: autograd refuses it for
+    the tensors it saved (the inverse saves the parameters); the memory-saving estimator, which
+    re-runs g at backward time for weighted losses without saving them, refuses it too."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([2, 8, 2], coeff=0.9).double())
+    y = torch.randn(4, 2, dtype=DTYPE, requires_grad=True)
+    x = block.inverse(y)
+    with torch.no_grad():
+        block.net.layers[0].bias.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        x.sum().backward()
+    block = ResidualBlock(LipschitzMLP([2, 8, 2], coeff=0.9).double(), fused=False, memory_efficient=True)
+    _, logdet = block.forward_and_logdet(torch.randn(4, 2, dtype=DTYPE))
+    with torch.no_grad():
+        block.net.layers[0].bias.add_(0.1)
+    with pytest.raises(RuntimeError, match="modified in place between its forward pass and this backward pass"):
+        (logdet * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DTYPE)).sum().backward()

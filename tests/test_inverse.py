@@ -389,3 +389,18 @@ def test_inverse_gradient_reaches_the_context() -> None:
     expected = -(w[0] @ torch.linalg.solve(torch.eye(2, dtype=torch.float64) + jx, jc))
     assert c.grad is not None
     assert (c.grad[0] - expected).abs().max() < 1e-9
+
+
+def test_a_non_finite_upstream_gradient_leaves_the_other_samples_adjoint_alone() -> None:
+    """A batch-wide tolerance scale was NaN/Inf when one sample's upstream gradient was: every
+    sample's adjoint then stopped after one iteration (dL/dy off by 1-3%)."""
+    torch.manual_seed(0)
+    net = make_active_mlp([3, 16, 16, 3], 0.95, torch.float64)
+    block = ResidualBlock(net).eval()
+    y = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(6, 3, dtype=torch.float64)
+    (reference,) = torch.autograd.grad(block.inverse(y), y, upstream)
+    upstream[0, 0] = float("nan")
+    with pytest.warns(ConvergenceWarning, match="1 of 6 samples"):
+        (grad,) = torch.autograd.grad(block.inverse(y), y, upstream)
+    torch.testing.assert_close(grad[1:], reference[1:], rtol=1e-10, atol=1e-12)

@@ -830,13 +830,12 @@ def _unconverged_normflows_net(dim: int) -> nn.Module:
 @pytest.mark.parametrize("options", [dict(fused=False), dict(fused=True), dict(fused=False, brute_force=True),
                                      dict(fused=True, brute_force=True)],
                          ids=["generic", "fused", "generic-exact", "fused-exact"])
-def test_update_lipschitz_between_forward_and_backward_never_gives_another_gs_gradient(
+def test_update_lipschitz_between_forward_and_backward_leaves_the_gradient_unchanged(
     direction: str, options: dict
 ) -> None:
     """Evaluations of g at backward time (the adjoint of the solve, the memory-saving re-run for
     weighted losses) read the power-iteration buffers: updated in between, they silently gave the
-    gradient of another g (off by 0.1-0.2). Now such a backward raises, as normflows' own layer does;
-    paths that keep what the forward applied give the same gradient."""
+    gradient of another g (off by 0.1-0.2). They now use the buffers of the forward pass."""
     torch.manual_seed(0)
     net0 = _unconverged_normflows_net(3)
     x0 = torch.randn(4, 3, dtype=torch.float64)
@@ -853,13 +852,7 @@ def test_update_lipschitz_between_forward_and_backward_never_gives_another_gs_gr
             nf.utils.update_lipschitz(layer, 50)
         return torch.autograd.grad(loss, [x, *net.parameters()], allow_unused=True)
 
-    reference = gradients(False)
-    try:
-        updated = gradients(True)
-    except RuntimeError as error:
-        assert "changed between its forward pass and this backward pass" in str(error)
-        return
-    for a, b in zip(updated, reference):
+    for a, b in zip(gradients(True), gradients(False)):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -917,3 +910,39 @@ def test_eval_after_the_last_optimiser_step_refreshes_normflows_power_iteration_
         loaded.load_state_dict(model.state_dict())
         loaded.log_prob(x)
         assert all(torch.equal(a, b) for a, b in zip(loaded.buffers(), buffers))  # used as loaded
+
+
+def test_a_checkpoint_loaded_into_the_trained_model_keeps_its_buffers_in_eval() -> None:
+    """After training, restoring an earlier checkpoint into the same model and calling eval() ran
+    normflows' power iteration on the loaded u, v (the model had optimiser steps the refresh had not
+    seen): log_prob differed from the checkpoint's in a fresh model by 9e-4."""
+
+    def build() -> nf.NormalizingFlow:
+        torch.manual_seed(0)
+        flows = []
+        for _ in range(2):
+            flows += [Residual(nf.nets.LipschitzMLP([2, 32, 32, 2], lipschitz_const=0.9)), nf.flows.ActNorm(2)]
+        return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
+
+    model = build()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    data = torch.randn(64, 2)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        model.forward_kld(data).backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    nf.utils.update_lipschitz(model, 5)
+    checkpoint = copy.deepcopy(model.state_dict())
+    for _ in range(2):
+        step()
+    model.load_state_dict(checkpoint)
+    fresh = build()
+    fresh.load_state_dict(checkpoint)
+    x = torch.randn(32, 2)
+    with torch.no_grad():
+        assert torch.equal(model.eval().log_prob(x), fresh.eval().log_prob(x))
+    assert all(torch.equal(value, checkpoint[key]) for key, value in model.state_dict().items())
