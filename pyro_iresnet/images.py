@@ -336,7 +336,9 @@ def dequantize(x: Tensor) -> Tensor:
     """
     if not x.is_floating_point():
         raise TypeError(f"x must have a floating dtype, got {x.dtype}")
-    return x + torch.rand_like(x)
+    # x + u rounds up to x + 1 when u is within half an ulp of x below 1 (about 1 in 1.3e5 draws
+    # at x = 255 in float32): keep v below x + 1, so that floor(v) = x
+    return torch.minimum(x + torch.rand_like(x), torch.nextafter(x + 1, x))
 
 
 def bits_per_dim(log_prob: Tensor, num_dims: int) -> Tensor:
@@ -373,7 +375,10 @@ class FactorOut(_FreshCache, TransformModule):
 
     The first ``keep_channels`` channels go through ``inner`` (which must keep their shape, e.g. a
     scale ending in :class:`Unsqueeze`); the others leave the flow here and are latent variables
-    at this resolution. Log-det: that of ``inner``, served from a cache for the pair just produced.
+    at this resolution. Log-det: that of ``inner``, served from a cache for the pair just produced;
+    for a pair just produced by the inverse, ``inner``'s log-det of the very halves it produced, so
+    that its own caches serve it (re-running its explicit maps on fresh slices would initialise a
+    nested :class:`ActNorm` from model samples and add a scale the sample never had).
 
     $$ \log\Big|\det\frac{\partial y}{\partial x}\Big|
        = \log\Big|\det\frac{\partial f(x_{1:k})}{\partial x_{1:k}}\Big|. $$
@@ -400,6 +405,7 @@ class FactorOut(_FreshCache, TransformModule):
     domain = _IMAGE
     codomain = _IMAGE
     bijective = True
+    _cached_halves: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # x, y, x1, y1 of _inverse
 
     def __init__(self, inner: TransformModule, keep_channels: int, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
@@ -426,13 +432,19 @@ class FactorOut(_FreshCache, TransformModule):
 
     def _inverse(self, y: Tensor) -> Tensor:
         y1, y2 = self._split(y, "y")
-        return torch.cat([self.inner.inv(y1), y2], dim=-3)
+        x1 = self.inner.inv(y1)
+        x = torch.cat([x1, y2], dim=-3)
+        self._cached_halves = (x, y, x1, y1)
+        return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         self._drop_stale_cache()
         cached = self._cached_logdet
         if cached is not None and cached[0] is x and cached[1] is y:
             return cached[2]
+        halves = self._cached_halves
+        if halves is not None and halves[0] is x and halves[1] is y:
+            return self.inner.log_abs_det_jacobian(halves[2], halves[3])
         x1, _ = self._split(x, "x")
         y1, _ = self._split(y, "y")
         return self.inner.log_abs_det_jacobian(x1, y1)
@@ -440,9 +452,10 @@ class FactorOut(_FreshCache, TransformModule):
     def clear_cache(self) -> None:
         super().clear_cache()
         self._cached_logdet = None
+        self._cached_halves = None
 
     def _cache_fields(self) -> dict[str, Any]:
-        return {**super()._cache_fields(), "_cached_logdet": None}
+        return {**super()._cache_fields(), "_cached_logdet": None, "_cached_halves": None}
 
     def extra_repr(self) -> str:
         return f"keep_channels={self.keep_channels}"

@@ -32,6 +32,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,7 @@ from .errors import (
 from .logdet import _upcast_half
 
 _MAX_INIT_ITERATIONS = 10_000
+_CURRENT = "current"  # a refresh marker in a pickled state: it matched the layer as pickled
 
 # Optimisers that write parameters through ``.data`` (Pyro's ClippedAdam, for one) do not advance
 # the parameters' version counters, so the optimiser steps each tensor took part in are counted as
@@ -121,6 +123,28 @@ class _SpectralNorm(nn.Module):
     u: Tensor
     v: Tensor
     _buffers_written: tuple[int, int | None, int, int | None] | None = None  # u, v as the layer left them
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state with the refresh markers that match the weight (or buffers) as pickled replaced
+        by :data:`_CURRENT`: they hold storage addresses and version counters, which a copy
+        (``copy.deepcopy``, ``torch.save``) does not keep, and a copy that no longer recognised its
+        weight would run power steps its original does not."""
+        state = super().__getstate__()
+        version = _tensor_state(self.weight)
+        for name in ("_refreshed_for", "_settled_for"):
+            if state.get(name) == version:
+                state[name] = _CURRENT
+        if state.get("_buffers_written") == self._buffers_state():
+            state["_buffers_written"] = _CURRENT
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for name in ("_refreshed_for", "_settled_for"):
+            if self.__dict__.get(name) == _CURRENT:
+                setattr(self, name, _tensor_state(self.weight))
+        if self.__dict__.get("_buffers_written") == _CURRENT:
+            self._buffers_written = self._buffers_state()
 
     def _init_spectral_norm(
         self,

@@ -459,7 +459,8 @@ class _BackwardInForward(torch.autograd.Function):
             else:  # unequal weights: recompute this block's estimator with the same draws
                 with torch.enable_grad():
                     _, logdet = ctx.estimator(x_leaf.detach().requires_grad_())
-                    extra = torch.autograd.grad((logdet * grad_logdet).sum(), params, allow_unused=True)
+                    # detached: under create_graph its graph leads back into this node (freed above)
+                    extra = torch.autograd.grad((logdet * grad_logdet.detach()).sum(), params, allow_unused=True)
             grad_params = [_add(a, b) for a, b in zip(grad_params, extra)]
         ctx.gx = ctx.x_leaf = ctx.logdet_grads = ctx.estimator = None
         return (None, grad_x, *grad_params)

@@ -525,3 +525,25 @@ def test_parameter_changed_between_forward_and_backward_raises() -> None:
         block.net.layers[0].bias.add_(0.1)
     with pytest.raises(RuntimeError, match="modified in place between its forward pass and this backward pass"):
         (logdet * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DTYPE)).sum().backward()
+
+
+def test_memory_efficient_first_derivative_under_create_graph_for_a_nonlinear_loss() -> None:
+    """With create_graph=True and unequal per-sample upstream weights (a loss nonlinear in the
+    log-dets), the memory-saving backward re-entered itself through the upstream gradient's graph
+    and crashed ("backward through the graph a second time"). The first derivative now equals the
+    plain path's; a second derivative raises the documented error."""
+    torch.manual_seed(1)
+    net = LipschitzMLP([3, 8, 3], coeff=0.9).double()
+    x = torch.randn(4, 3, dtype=DTYPE, requires_grad=True)
+    grads = []
+    for memory_efficient in (True, False):
+        block = ResidualBlock(net, logdet="series", fused=False, memory_efficient=memory_efficient)
+        torch.manual_seed(2)
+        _, logdet = block.forward_and_logdet(x)
+        inputs = [x, *net.parameters()]
+        grads.append(torch.autograd.grad((logdet**2).sum(), inputs, create_graph=True, allow_unused=True))
+    for a, b, t in zip(*grads, inputs):
+        a, b = (torch.zeros_like(t) if g is None else g.detach() for g in (a, b))  # an unused bias: None or 0
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        grads[0][1].sum().backward()
