@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .context import ConcatContextNet
 from .errors import (
+    ConvergenceError,
     NonFiniteError,
     all_finite,
     check_bool,
@@ -270,6 +271,12 @@ class ResidualBlock(nn.Module):
         _check_residual_shape(net)
         self.net = net
         self.event_dim = check_positive_int("event_dim", event_dim)
+        net_event_shape = getattr(net, "event_shape", None)
+        if net_event_shape is not None and len(net_event_shape) != self.event_dim:
+            raise ValueError(
+                f"event_dim={self.event_dim} does not fit the net's event_shape {tuple(net_event_shape)} "
+                f"({type(net).__name__} takes inputs (N, *event_shape): event_dim={len(net_event_shape)})"
+            )
         self.logdet_method = check_choice("logdet", logdet, LOGDET_METHODS)
         self.n_terms = check_positive_int("n_terms", n_terms)
         self.n_exact_terms = check_positive_int("n_exact_terms", n_exact_terms, minimum=0)
@@ -293,8 +300,11 @@ class ResidualBlock(nn.Module):
         self.check_finite = None if check_finite is None else check_bool("check_finite", check_finite)
         if isinstance(fused, str) and fused != "auto":
             raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-        if not isinstance(fused, str) and type(fused) is not bool:  # not 0/1: checked by identity below
-            raise TypeError(f"fused must be True, False or 'auto', got {fused!r}")
+        if not isinstance(fused, str):  # numpy booleans too; not 0/1 (checked by identity below)
+            try:
+                fused = check_bool("fused", fused)
+            except TypeError:
+                raise TypeError(f"fused must be True, False or 'auto', got {fused!r}") from None
         if fused is True and not self._supports_fused(net):
             raise ValueError(
                 f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
@@ -345,6 +355,16 @@ class ResidualBlock(nn.Module):
                 f"{tuple(x.shape)} to {tuple(gx.shape)}: a residual block x + g(x) needs g(x) shaped like x"
             )
         return gx
+
+    @contextmanager
+    def _diagnostics_kept_on_error(self) -> Iterator[None]:
+        """A solve that raises :class:`~pyro_iresnet.ConvergenceError` (``strict=True``) still records
+        its :class:`~pyro_iresnet.inverse.SolveInfo` in ``last_diagnostics``."""
+        try:
+            yield
+        except ConvergenceError as error:
+            self.last_diagnostics = Diagnostics(inverse=error.info)
+            raise
 
     def _normalization_buffers(self) -> list[tuple[nn.Module, str]]:
         """The power-iteration buffers (module, name) that define the normalised weights $g$ applies."""
@@ -630,10 +650,11 @@ class ResidualBlock(nn.Module):
                 raise ValueError("inverse_method='newton' does not support a context; use 'fixed_point'")
             with torch.set_grad_enabled(bool(params)):
                 fast = self._read_fused()  # whatever exact_trace says: that option is the log-det's
-            x, info = newton_inverse(
-                fast, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
-                lipschitz=self._certified_lipschitz,
-            )
+            with self._diagnostics_kept_on_error():
+                x, info = newton_inverse(
+                    fast, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
+                    lipschitz=self._certified_lipschitz,
+                )
             self.last_diagnostics = Diagnostics(inverse=info)
             return x, None
         with torch.no_grad():
@@ -646,11 +667,12 @@ class ResidualBlock(nn.Module):
             def g(x: Tensor, context: Tensor | None = None) -> Tensor:
                 return g_later(x, context) if torch.is_grad_enabled() else g_solver(x, context)
 
-        x, info = fixed_point_inverse(
-            g, y_flat, params, context=context,
-            atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, method=self.inverse_method,
-            strict=self.strict, lipschitz=self._certified_lipschitz,
-        )
+        with self._diagnostics_kept_on_error():
+            x, info = fixed_point_inverse(
+                g, y_flat, params, context=context,
+                atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, method=self.inverse_method,
+                strict=self.strict, lipschitz=self._certified_lipschitz,
+            )
         self.last_diagnostics = Diagnostics(inverse=info)
         return x, fast
 
@@ -669,10 +691,11 @@ class ResidualBlock(nn.Module):
         y_flat, context, batch_shape, shape = self._prepare(y, "y", context)
         solver = self._value_only_newton(y_flat, context)
         if solver is not None:
-            x_flat, logdet, info = newton_inverse_and_logdet(
-                solver, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
-                lipschitz=self._certified_lipschitz,
-            )
+            with self._diagnostics_kept_on_error():
+                x_flat, logdet, info = newton_inverse_and_logdet(
+                    solver, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
+                    lipschitz=self._certified_lipschitz,
+                )
             self.last_diagnostics = Diagnostics("exact", None, info)
             return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
         x_flat, fast = self._inverse_flat(y_flat, context)

@@ -71,6 +71,10 @@ class ConvergenceError(RuntimeError):
     sample still has $\|x + g(x) - y\|_\infty > \mathrm{atol} + \mathrm{rtol}\,\|y\|_\infty$ after
     ``max_iter`` iterations.
 
+    Attributes:
+        info: The solve's :class:`~pyro_iresnet.inverse.SolveInfo` (iterations, per-sample
+            residuals); a residual block also records it in ``last_diagnostics`` before raising.
+
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 

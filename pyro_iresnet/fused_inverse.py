@@ -247,6 +247,11 @@ def _newton(
     return x_out, logdet, SolveInfo(iteration, residual, converged)
 
 
+def _require_unconditional(context_weight: Tensor | None) -> None:
+    if context_weight is not None:
+        raise ValueError("the Newton inverse does not take a context: for a conditional net use the fixed point")
+
+
 @dataclass
 class _InverseConfig:
     mlp: FusedMLP
@@ -327,7 +332,8 @@ def newton_inverse(
         $x$ of shape ``(N, d)`` and a :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
-        ValueError: If ``atol``/``rtol`` is NaN or negative.
+        ValueError: If ``atol``/``rtol`` is NaN or negative, or the net is conditional (a context
+            weight: the Newton inverse takes no context).
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -346,6 +352,7 @@ def newton_inverse(
         (True, True)
     """
     check_positive_int("max_iter", max_iter)
+    _require_unconditional(mlp.context_weight)
     info = SolveInfo()
     config = _InverseConfig(mlp, *_tolerances(y.dtype, atol, rtol), max_iter, strict, lipschitz, info)
     return _NewtonInverse.apply(config, y, *mlp.tensors()), info
@@ -386,7 +393,8 @@ def newton_inverse_and_logdet(
         :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
-        ValueError: If ``atol``/``rtol`` is NaN or negative.
+        ValueError: If ``atol``/``rtol`` is NaN or negative, or the net is conditional (a context
+            weight: the Newton inverse takes no context).
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -409,6 +417,7 @@ def newton_inverse_and_logdet(
         True
     """
     check_positive_int("max_iter", max_iter)
+    _require_unconditional(net.context_weight_t)
     atol, rtol = _tolerances(y.dtype, atol, rtol)
     with torch.no_grad():
         x, logdet, info = _newton(net, y, _residual_tolerance(y, atol, rtol), max_iter, with_logdet=True)

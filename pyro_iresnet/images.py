@@ -46,6 +46,7 @@ __all__ = [
 
 import math
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .conv import LipschitzCNN, _check_shape
-from .errors import check_finite, check_positive_int, check_unit_interval
+from .errors import check_bool, check_finite, check_positive_int, check_unit_interval
 from .pyro import InvertibleResidual, _FreshCache, _split_options
 
 _IMAGE = constraints.independent(constraints.real, 3)
@@ -498,14 +499,16 @@ def conv_iresnet(
     input_shape = _check_shape("input_shape", input_shape)
     kernel_sizes = list(kernel_sizes)
     n_hidden = len(kernel_sizes) - 1
-    if isinstance(hidden_channels, int):
-        hidden = [hidden_channels] * n_hidden
-    else:
-        hidden = list(hidden_channels)
+    if isinstance(hidden_channels, Integral) and not isinstance(hidden_channels, bool):
+        hidden = [check_positive_int("hidden_channels", hidden_channels)] * n_hidden
+    elif isinstance(hidden_channels, Sequence) and not isinstance(hidden_channels, str):
+        hidden = [check_positive_int("hidden_channels", size) for size in hidden_channels]
         if len(hidden) != n_hidden:
             raise ValueError(
                 f"hidden_channels must have len(kernel_sizes) - 1 = {n_hidden} entries, got {hidden}"
             )
+    else:
+        raise TypeError(f"hidden_channels must be an int or a sequence of ints, got {type(hidden_channels).__name__}")
     if "event_dim" in options:
         raise ValueError(f"conv_iresnet sets event_dim=3; got event_dim={options['event_dim']}")
     net_options, block_options = _split_options(dict(options))
@@ -657,6 +660,7 @@ def multiscale_iresnet(
     shape = _check_shape("input_shape", input_shape)
     check_positive_int("n_scales", n_scales)
     check_positive_int("n_blocks", n_blocks)
+    factor_out, actnorm = check_bool("factor_out", factor_out), check_bool("actnorm", actnorm)
     factor = 2**n_scales
     if shape[1] % factor or shape[2] % factor:
         raise ValueError(

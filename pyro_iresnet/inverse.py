@@ -40,7 +40,7 @@ from .logdet import _upcast_half
 
 Net = Callable[[Tensor], Tensor]
 
-_ANDERSON_MEMORY = 5  # iterates kept, or the dimension + 2 if larger and at most _ANDERSON_MAX_MEMORY
+_ANDERSON_MEMORY = 5  # iterates kept at least: the dimension + 2, between this and _ANDERSON_MAX_MEMORY
 _ANDERSON_MAX_MEMORY = 32
 _PROGRESS_WINDOW = 50  # plain iterations between progress checks
 _PROGRESS_FACTOR = 0.5  # the worst residual must at least halve per window, else Anderson takes over
@@ -163,6 +163,9 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
         if n_done == done.shape[0]:
             x[active], residual[active] = x_active, step_residual
             return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
+        if iteration == max_iter:  # the iterate whose residual was checked, not the step after it
+            x[active], residual[active] = x_active, step_residual
+            return x, SolveInfo(max_iter, residual, False)
         # Finished samples leave the batch once they are an eighth of it (until then iterating them
         # further costs less than compacting the batch, and keeps them converged), and before each
         # progress check, so that only unfinished samples are judged or handed to Anderson.
@@ -181,8 +184,7 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
                 x[active], residual[active] = x_active, step_residual
                 return _finish_with_anderson(g, y, x, residual, tol, active, iteration, max_iter)
             window_worst = worst
-    x[active], residual[active] = x_active, step_residual
-    return x, SolveInfo(max_iter, residual, False)
+    raise AssertionError("unreachable: the last iteration returns")
 
 
 def _finish_with_anderson(
@@ -217,7 +219,7 @@ def _anderson(
         return y.clone(), SolveInfo(0, y.new_zeros(0), True)
     flat_y = y.reshape(n, -1)
     size = flat_y.shape[1]
-    m = size + 2 if _ANDERSON_MEMORY < size + 2 <= _ANDERSON_MAX_MEMORY else _ANDERSON_MEMORY
+    m = min(max(_ANDERSON_MEMORY, size + 2), _ANDERSON_MAX_MEMORY)
     finfo = torch.finfo(y.dtype)
     x = flat_y if x0 is None else x0.reshape(n, -1)  # never written in place
     x_out, residual = x.clone(), torch.full_like(tol, float("inf"))
@@ -272,7 +274,9 @@ def _report(info: SolveInfo, what: str, strict: bool, lipschitz: float | None) -
         "invertible); raise max_iter, loosen atol/rtol or lower coeff"
     )
     if strict:
-        raise ConvergenceError(message)
+        error = ConvergenceError(message)
+        error.info = info
+        raise error
     warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
 

@@ -45,6 +45,7 @@ from .errors import (
     LipschitzWarning,
     NonFiniteError,
     all_finite,
+    check_bool,
     check_choice,
     check_positive_int,
     check_unit_interval,
@@ -397,7 +398,7 @@ class SpectralNormLinear(_SpectralNorm):
         super().__init__()
         self.in_features = check_positive_int("in_features", in_features)
         self.out_features = check_positive_int("out_features", out_features)
-        linear = nn.Linear(in_features, out_features, bias=bias)
+        linear = nn.Linear(in_features, out_features, bias=check_bool("bias", bias))
         self._init_spectral_norm(linear, (out_features,), (in_features,), coeff, n_power_iterations)
 
     @staticmethod
@@ -512,6 +513,8 @@ class LipschitzMLP(nn.Module):
         n_power_iterations: int = 1,
     ) -> None:
         super().__init__()
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+            raise TypeError(f"dims must be a sequence of layer sizes, e.g. [2, 64, 2], got {type(dims).__name__}")
         dims = list(dims)
         if len(dims) < 2:
             raise ValueError(f"dims must have at least 2 entries (input and output), got {dims}")

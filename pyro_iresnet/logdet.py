@@ -38,6 +38,7 @@ __all__ = [
 
 import math
 from collections.abc import Callable, Sequence
+from numbers import Real
 
 import torch
 from torch import Tensor
@@ -67,6 +68,7 @@ def logdet_error_bound(lip: float, n_terms: int, dim: int) -> float:
         The bound (a float, per sample).
 
     Raises:
+        TypeError: If ``lip`` is not a real number (a ``bool`` or a tensor: pass ``float(lip)``).
         ValueError: If ``lip`` is outside $[0, 1)$ or ``n_terms``/``dim`` is below 1.
 
     References:
@@ -79,8 +81,11 @@ def logdet_error_bound(lip: float, n_terms: int, dim: int) -> float:
         >>> logdet_error_bound(0.9, n_terms=10, dim=2) > logdet_error_bound(0.9, n_terms=20, dim=2)
         True
     """
+    if isinstance(lip, bool) or not isinstance(lip, Real):  # a tensor: pass float(lip)
+        raise TypeError(f"lip must be a float in [0, 1), got {type(lip).__name__}")
     if not 0.0 <= lip < 1.0:
         raise ValueError(f"lip must be in [0, 1), got {lip}")
+    lip = float(lip)
     check_positive_int("n_terms", n_terms)
     check_positive_int("dim", dim)
     # The tail sum_{k>n} L^k/k, summed directly (-ln(1-L) minus the partial sum cancels

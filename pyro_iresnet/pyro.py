@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -325,7 +326,7 @@ def _hidden_dims(hidden_dims: Sequence[int] | None, input_dim: int) -> list[int]
     if not hidden_dims:
         raise ValueError("hidden_dims must hold at least one hidden layer size, got []")
     for size in hidden_dims:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, Integral) or size < 1:
             raise ValueError(f"hidden_dims must hold positive ints, got {list(hidden_dims)}")
     return list(hidden_dims)
 

@@ -98,24 +98,25 @@ def test_stalled_forward_and_adjoint_solves_finish_with_anderson() -> None:
     assert torch.allclose(y.grad, torch.linalg.solve(eye_plus_w.T, upstream.T).T, atol=1e-10)
 
 
+@pytest.mark.parametrize("dim", [8, 31])
 @pytest.mark.parametrize("method", ["fixed_point", "anderson"])
-def test_anderson_memory_grows_with_the_dimension(method: str) -> None:
-    """g(x) = 0.995 Q x with Q orthogonal in 8 dimensions: every eigenvalue has modulus 0.995, so the
+def test_anderson_memory_grows_with_the_dimension(method: str, dim: int) -> None:
+    """g(x) = 0.995 Q x with Q orthogonal in D dimensions: every eigenvalue has modulus 0.995, so the
     plain iteration needs about 5,500 steps for 1e-12 and Anderson with 5 iterates (its old fixed
-    memory) stalls for over 2,000; with D + 2 = 10 it finishes in a few dozen, also as the fixed
-    point's fallback."""
-    net = make_active_mlp([8, 8], 0.995, torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    memory) stalls for over 2,000; with min(D + 2, 32) iterates it finishes in a few dozen, also as
+    the fixed point's fallback (at D = 31 the memory used to drop back to 5)."""
+    net = make_active_mlp([dim, dim], 0.995, torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64))
     with torch.no_grad():
         layer = net.layers[0]
         layer.weight.copy_(0.995 * q)
         layer.bias.zero_()
         layer._converge_power_iteration(rtol=1e-9)
     block = ResidualBlock(net, max_iter=400, inverse_method=method).eval()
-    y = torch.randn(16, 8, dtype=torch.float64)
+    y = torch.randn(16, dim, dtype=torch.float64)
     x = block.inverse(y)  # warnings are errors: the solve must converge
     assert block.last_diagnostics.inverse.iterations < 200
-    eye_plus_w = torch.eye(8, dtype=torch.float64) + layer.normalized_weight().detach()
+    eye_plus_w = torch.eye(dim, dtype=torch.float64) + layer.normalized_weight().detach()
     torch.testing.assert_close(x, torch.linalg.solve(eye_plus_w, y.T).T, rtol=0, atol=1e-10)
 
 
@@ -296,6 +297,10 @@ def test_reported_residual_is_that_of_the_returned_point(method: str) -> None:
     assert info.converged
     torch.testing.assert_close(info.residual, residual, rtol=0, atol=1e-15)
     assert bool((residual <= 1e-6).all())
+    # also when max_iter stops it (the plain iteration returned the step after the checked iterate)
+    with pytest.warns(ConvergenceWarning):
+        x, info = fixed_point_inverse(g, y, atol=1e-12, rtol=0.0, method=method, max_iter=5)
+    torch.testing.assert_close(info.residual, (x + g(x) - y).abs().amax(1), rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -328,7 +333,7 @@ def test_public_solvers_refuse_nan_or_negative_tolerances(solver: str, bad: dict
             with torch.no_grad():
                 fixed_point_inverse(net, y, method=solver, **bad)
         elif solver == "newton":
-            newton_inverse(solver_net(fused_mlp(net)), y, **bad)
+            newton_inverse(fused_mlp(net), y, **bad)
         else:
             newton_inverse_and_logdet(solver_net(fused_mlp(net)), y, **bad)
 
@@ -404,3 +409,28 @@ def test_a_non_finite_upstream_gradient_leaves_the_other_samples_adjoint_alone()
     with pytest.warns(ConvergenceWarning, match="1 of 6 samples"):
         (grad,) = torch.autograd.grad(block.inverse(y), y, upstream)
     torch.testing.assert_close(grad[1:], reference[1:], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "newton"])
+def test_strict_non_convergence_still_records_its_diagnostics(method: str) -> None:
+    block = ResidualBlock(make_active_mlp([2, 16, 2], 0.97, torch.float64), max_iter=2, strict=True,
+                          inverse_method=method).eval()
+    with pytest.raises(ConvergenceError) as raised:
+        block.inverse(torch.randn(4, 2, dtype=torch.float64) * 3)
+    info = block.last_diagnostics.inverse
+    assert info is raised.value.info and not info.converged and info.iterations == 2
+
+
+def test_newton_inverse_refuses_a_conditional_net() -> None:
+    """The Newton solver takes no context: given a conditional net it solved g(x, 0) = y - x and
+    reported convergence."""
+    from pyro_iresnet.context import ConcatContextNet
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import newton_inverse, newton_inverse_and_logdet, solver_net
+
+    mlp = fused_mlp(ConcatContextNet(LipschitzMLP([2 + 3, 8, 2], coeff=0.9), context_dim=3))
+    y = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="does not take a context"):
+        newton_inverse(mlp, y)
+    with pytest.raises(ValueError, match="does not take a context"), torch.no_grad():
+        newton_inverse_and_logdet(solver_net(mlp), y)

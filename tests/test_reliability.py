@@ -28,6 +28,8 @@ from pyro_iresnet import (
     conv_iresnet,
     iresnet,
     lipschitz_bound,
+    logdet_error_bound,
+    multiscale_iresnet,
     name_blocks,
 )
 from pyro_iresnet.errors import check_bool, check_positive_int, check_roulette_p
@@ -84,7 +86,32 @@ BAD_ARGUMENTS = [
     ("context-to-plain-net-inverse", lambda: ResidualBlock(nn.Sequential(nn.Linear(2, 2))).inverse(
         torch.randn(3, 2), torch.randn(3, 1)), ValueError,
      r"residual block #\d+ got a context, but its net \(Sequential\) takes none"),
+    # accepted before, failing (or silently meaning something else) later
+    ("event_dim-vs-net", lambda: iresnet(2, event_dim=2), ValueError,
+     r"event_dim=2 does not fit the net's event_shape \(2,\) \(LipschitzMLP takes inputs"),
+    ("dims-int", lambda: LipschitzMLP(5), TypeError,
+     r"dims must be a sequence of layer sizes, e\.g\. \[2, 64, 2\], got int"),
+    ("bias-str", lambda: SpectralNormLinear(2, 2, bias="no"), TypeError, r"bias must be True or False, got 'no'"),
+    ("factor_out-str", lambda: multiscale_iresnet((1, 4, 4), factor_out="no"), TypeError,
+     r"factor_out must be True or False, got 'no'"),
+    ("hidden_channels-float", lambda: conv_iresnet((2, 4, 4), hidden_channels=2.5), TypeError,
+     r"hidden_channels must be an int or a sequence of ints, got float"),
+    ("hidden_channels-0", lambda: conv_iresnet((2, 4, 4), hidden_channels=0), ValueError,
+     r"hidden_channels must be >= 1, got 0"),
+    ("error_bound-bool", lambda: logdet_error_bound(False, 5, 2), TypeError,
+     r"lip must be a float in \[0, 1\), got bool"),
+    ("error_bound-str", lambda: logdet_error_bound("0.5", 5, 2), TypeError,
+     r"lip must be a float in \[0, 1\), got str"),
 ]
+
+
+def test_numpy_scalars_are_accepted_where_python_numbers_are() -> None:
+    """numpy ints for layer sizes and numpy booleans for fused were refused, unlike elsewhere."""
+    import numpy as np
+
+    assert len(iresnet(2, hidden_dims=[np.int64(8)]).block.net.layers) == 3
+    assert ResidualBlock(LipschitzMLP([2, 4, 2]), fused=np.True_).fused is True
+    assert conv_iresnet((2, 4, 4), hidden_channels=np.int64(4)) is not None
 
 
 @pytest.mark.parametrize("make, error, pattern", [row[1:] for row in BAD_ARGUMENTS], ids=[r[0] for r in BAD_ARGUMENTS])
