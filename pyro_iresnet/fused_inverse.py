@@ -32,6 +32,7 @@ from .first_order import first_order_backward
 from .fused import (
     _LIPSWISH_SCALE,
     FusedMLP,
+    _act,
     _backward,
     _forward,
     _inverse,
@@ -61,8 +62,10 @@ class SolverNet:
     costs one ``addmm`` and one SiLU ($u \mapsto u\,\mathrm{sigmoid}(u)$). In these folded terms
     $J_g = V_L S_{L-1} V_{L-1} \cdots S_1 V_1$ with $V_l$ the folded weights and
     $S_l = \operatorname{diag}(\mathrm{SiLU}'(u_l))$ (ELU layers are not folded: $S_l = \mathrm{ELU}'(z_l)$).
-    A conditional net's context enters the first layer through its folded context weight (its
-    Jacobians, in $x$, do not involve it).
+    In float16/bfloat16 nothing is folded (LipSwish is computed as $z\,\mathrm{sigmoid}(\beta z)/1.1$):
+    there $\beta z$ overflows for a large $\beta$ and $\beta \tilde W$ underflows to subnormals for
+    a tiny one, where the module itself stays accurate. A conditional net's context enters the first
+    layer through its (folded) context weight (its Jacobians, in $x$, do not involve it).
 
     Args:
         mlp: From :func:`fused_mlp` (detached here).
@@ -85,13 +88,14 @@ class SolverNet:
     def __init__(self, mlp: FusedMLP) -> None:
         self.mlp = mlp = mlp.detached()
         self.layers: list[tuple[Tensor, Tensor | None, str | None, float | None]] = []
+        self.fold = mlp.weights[0].dtype not in (torch.float16, torch.bfloat16)
         scale: Tensor | float = 1.0
         context_weight = mlp.context_weight
         for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases)):
             kind = mlp.kinds[i] if i < len(mlp.kinds) else None
             w = w * scale
             scale = 1.0
-            if kind == "lipswish":
+            if kind == "lipswish" and self.fold:
                 # beta >= 4 / (largest float) keeps 1 / (1.1 beta) finite; the clamp changes
                 # sigmoid(beta z) by at most beta_min |z| / 4: nothing in float32/64, < 1.5e-5 |z| in float16
                 beta = mlp.betas[i].clamp(min=4.0 / torch.finfo(w.dtype).max)
@@ -125,8 +129,10 @@ class SolverNet:
                 break
             if keep:
                 pre.append(h)
-            if kind == "lipswish":
+            if kind == "lipswish" and self.fold:
                 h = torch.nn.functional.silu(h, inplace=not keep)
+            elif kind == "lipswish":
+                h = _act(kind, h, self.mlp.betas[i], None)[0]
             else:
                 h = torch.nn.functional.elu(h, alpha)
         return h, pre
@@ -139,9 +145,11 @@ class SolverNet:
             if rows is not None:
                 u = u.index_select(0, rows)
             _, _, kind, alpha = self.layers[i]
-            if kind == "lipswish":  # SiLU'(u) = s (1 + u (1 - s)), s = sigmoid(u), in one pass
+            if kind == "lipswish" and self.fold:  # SiLU'(u) = s (1 + u (1 - s)), s = sigmoid(u), in one pass
                 out = _scratch(("solver_slope", i), u.shape, u)
                 slopes.append(torch.ops.aten.silu_backward(u.new_ones(()).expand_as(u), u, grad_input=out))
+            elif kind == "lipswish":
+                slopes.append(_act(kind, u, self.mlp.betas[i], None)[1])
             else:
                 slopes.append(torch.where(u > 0, 1.0, torch.exp(u.clamp(max=0.0)).mul_(alpha)))
         return _jacobian_product(self.weights_t, slopes, n, scratch=True)[0]

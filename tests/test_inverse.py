@@ -434,3 +434,33 @@ def test_newton_inverse_refuses_a_conditional_net() -> None:
         newton_inverse(mlp, y)
     with pytest.raises(ValueError, match="does not take a context"), torch.no_grad():
         newton_inverse_and_logdet(solver_net(mlp), y)
+
+
+@pytest.mark.parametrize(("dtype", "raw_beta", "scale"), [(torch.float16, 5000.0, 30.0), (torch.bfloat16, -88.0, 3.0)],
+                         ids=["float16-large-beta", "bfloat16-tiny-beta"])
+def test_half_precision_solver_matches_the_module_for_extreme_lipswish_betas(dtype, raw_beta, scale) -> None:
+    """The fused solver folded LipSwish's beta into the weights: in float16 beta z overflowed for a
+    large beta (samples reported diverged), in bfloat16 beta W underflowed to subnormals for a tiny
+    one (g off by 0.2, a returned point 3x over the tolerance, reported converged)."""
+    import copy
+
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import solver_net
+
+    torch.manual_seed(0)
+    net = LipschitzMLP([3, 16, 16, 3], coeff=0.9)
+    with torch.no_grad():
+        for activation in net.layers[1::2]:
+            activation.raw_beta.fill_(raw_beta)
+    net = net.to(dtype).eval()
+    reference = copy.deepcopy(net).double()
+    y = (scale * torch.randn(64, 3)).to(dtype)
+    with torch.no_grad():
+        solver_error = (solver_net(fused_mlp(net))(y).double() - reference(y.double())).abs().max()
+        module_error = (net(y).double() - reference(y.double())).abs().max()
+        assert solver_error <= 2 * module_error + 1e-3
+        for method in ("fixed_point", "newton"):
+            block = ResidualBlock(net, inverse_method=method).eval()
+            x = block.inverse(y)  # a ConvergenceWarning would fail the test
+            residual = (x.double() + reference(x.double()) - y.double()).abs().amax(1)
+            assert bool((residual <= 1e-2 + 1e-2 * y.double().abs().amax(1)).all())
