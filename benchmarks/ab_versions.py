@@ -26,10 +26,12 @@ from pathlib import Path
 
 import normflows as nf
 import torch
-from normflows_compare import two_moons
 
+# the working tree's pyro_iresnet, not an installed copy: before anything imports it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pyro_iresnet  # noqa: E402  (the working tree's, not an installed copy)
+from normflows_compare import two_moons  # noqa: E402
+
+import pyro_iresnet  # noqa: E402
 
 
 def build(package: object) -> nf.NormalizingFlow:

@@ -32,6 +32,7 @@ import torch
 from memory import peak_allocated_mib
 
 from pyro_iresnet import LipschitzMLP, ResidualBlock
+from pyro_iresnet.lipschitz import refresh_spectral_norm
 
 MODES = {
     "plain": {"neumann_grad": False, "memory_efficient": False},
@@ -67,6 +68,7 @@ def _ours_step(blocks: torch.nn.ModuleList, opt: torch.optim.Optimizer, x: torch
     loss = (0.5 * x.pow(2).sum(1) - total).mean()
     loss.backward()
     opt.step()
+    refresh_spectral_norm(blocks)  # timed in the step, as normflows' update_lipschitz (not in the next call)
 
 
 def _ours_sample(blocks: torch.nn.ModuleList, z: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,21 @@ import torch
 
 def peak_allocated_mib(fn: Callable[[], object]) -> float:
     """Peak of the bytes held by torch tensors allocated during ``fn()`` (relative to its start):
-    the running sum of the allocations and frees recorded by ``torch.profiler`` with
-    ``profile_memory=True``, in time order."""
+    the running sum of the allocations and frees that ``torch.profiler`` (``profile_memory=True``)
+    records, each at its own timestamp (its raw ``[memory]`` records). Summing the operators'
+    ``self_cpu_memory_usage`` at their start times instead would book every free inside an
+    operator, e.g. a custom Function's backward releasing what its forward saved, before that
+    operator's allocations, and under-report the peak."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
+    records = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]"
+    )
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        current += event.self_cpu_memory_usage
+    for _, nbytes in records:
+        current += nbytes
         peak = max(peak, current)
     return peak / 2**20

@@ -12,8 +12,12 @@ Measured side by side in one process (``torch.set_num_threads``): median train-s
 squared-step stop, a step below about 3e-3 (1 + |y|)^(1/2); for comparison also ours stopped at
 ``atol=3e-3``, ``rtol=0``), before and after ``--steps`` training steps, and the held-out NLL
 (exact log-det, eval mode) at equal wall-clock, linear between the evaluations. Each model trains
-on the same batches with its own torch RNG stream (roulette lengths, probes), so neither training
-curve depends on the other model's draws. normflows' net (``nf.nets.LipschitzMLP``) has one more
+on the same batches with its own torch and numpy RNG streams (roulette lengths, probes; normflows
+draws its roulette from numpy's global RNG), so neither training curve depends on the other model's
+draws and both are reproducible. The power-iteration upkeep differs: ours runs one power step per
+layer after each change of the weights, theirs ``update_lipschitz(model, 5)`` after each step (a
+difference of about 7 ms of theirs' step; ``--ours-net normflows`` runs normflows' 5 steps on ours).
+normflows' net (``nf.nets.LipschitzMLP``) has one more
 Swish, before its first layer; ours starts with the linear layer. With ``--ours-net normflows`` our
 layers run over normflows' own net instead (the one-import switch; both models then start from the
 same weights), whose power iteration runs its ``max_lipschitz_iter`` = 5 steps per weight change.
@@ -37,6 +41,7 @@ import statistics
 import time
 
 import normflows as nf
+import numpy as np
 import torch
 from memory import peak_allocated_mib
 
@@ -80,18 +85,21 @@ def build(
 
 
 class Trainer:
-    """Adam training steps of one model. The step draws its torch random numbers (roulette lengths,
-    probes) from the trainer's own stream, swapped into torch's global RNG for the step, so that a
-    model's training trajectory does not depend on the draws of a model trained beside it."""
+    """Adam training steps of one model. The step draws its random numbers from the trainer's own
+    streams, swapped into torch's and numpy's global RNGs for the step (ours draws roulette lengths
+    and probes from torch; normflows' roulette draws from numpy's global RNG), so that a model's
+    training trajectory is reproducible and does not depend on the draws of a model trained beside it."""
 
     def __init__(self, which: str, model: nf.NormalizingFlow, lr: float, seed: int = 0) -> None:
         self.which, self.model = which, model
         self.opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
         self.rng_state = torch.Generator().manual_seed(seed).get_state()
+        self.numpy_state = np.random.RandomState(seed).get_state()
 
     def step(self, x: torch.Tensor) -> float:
-        outer = torch.get_rng_state()
+        outer, outer_numpy = torch.get_rng_state(), np.random.get_state()
         torch.set_rng_state(self.rng_state)
+        np.random.set_state(self.numpy_state)
         try:
             self.model.train()
             self.opt.zero_grad(set_to_none=True)
@@ -101,8 +109,9 @@ class Trainer:
             if self.which == "theirs":
                 nf.utils.update_lipschitz(self.model, 5)
         finally:
-            self.rng_state = torch.get_rng_state()
+            self.rng_state, self.numpy_state = torch.get_rng_state(), np.random.get_state()
             torch.set_rng_state(outer)
+            np.random.set_state(outer_numpy)
         return float(loss.detach())
 
 
