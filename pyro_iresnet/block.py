@@ -318,16 +318,16 @@ class ResidualBlock(nn.Module):
                 "use fused='auto' or exact_trace=False"
             )
         self.fused = fused
-        conditional = getattr(net, "context_dim", None) is not None
-        unsupported = fused is False or conditional or self.event_dim != 1 or not self._supports_fused(net)
-        if inverse_method == "newton" and unsupported:
+        self.context_dim: int | None = getattr(net, "context_dim", None)
+        newton_ok = (fused is not False and self.context_dim is None and self.event_dim == 1
+                     and self._supports_fused(net))
+        if inverse_method == "newton" and not newton_ok:
             raise ValueError(
                 f"inverse_method='newton' needs the fused path without a context (a LipschitzMLP with "
                 f"LipSwish/ELU, event_dim=1 and fused != False), got net {type(net).__name__}, "
                 f"event_dim={self.event_dim} and fused={fused!r}"
             )
         self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
-        self.context_dim: int | None = getattr(net, "context_dim", None)
         self._net_takes_context = self.context_dim is not None or _accepts_second_argument(net)
         self.last_diagnostics = Diagnostics()
         self.name = f"#{next(_CREATION_ORDER)}"  # see name_blocks
@@ -547,10 +547,8 @@ class ResidualBlock(nn.Module):
             with torch.set_grad_enabled(needs_grad):
                 return fused_logdet(fast, x, "series", weights, probes, self.neumann_grad, context)
 
-        g_later = self._g_for_backward()
-
         def g(z: Tensor) -> Tensor:
-            return g_later(z, context)
+            return self.g(z, context)
 
         if needs_grad and self.memory_efficient:
             if context is not None and context.requires_grad:
@@ -558,9 +556,12 @@ class ResidualBlock(nn.Module):
                     "memory_efficient=True does not propagate gradients to a context that requires "
                     "grad; use memory_efficient=False"
                 )
+            g_later = self._g_for_backward()  # the estimator runs again at backward time
 
             def estimator(x_leaf: Tensor) -> tuple[Tensor, Tensor]:
-                return hutchinson_logdet(g, x_leaf, weights, probes, self.neumann_grad, True)
+                return hutchinson_logdet(
+                    lambda z: g_later(z, context), x_leaf, weights, probes, self.neumann_grad, True
+                )
 
             return backward_in_forward(estimator, x, self._params())
         inputs = [t for t in (*self._params(), context) if t is not None and t.requires_grad]
@@ -635,7 +636,8 @@ class ResidualBlock(nn.Module):
 
         Raises:
             ConvergenceError: The same, with ``strict=True``.
-            ValueError: If ``inverse_method="newton"`` is used with a context.
+            ValueError: If ``y`` or ``context`` has the wrong shape, or a context is given to a net that
+                takes none (a block with ``inverse_method="newton"`` never takes one).
         """
         y_flat, context, _, shape = self._prepare(y, "y", context)
         return self._inverse_flat(y_flat, context)[0].reshape(shape)
@@ -645,9 +647,7 @@ class ResidualBlock(nn.Module):
         ``no_grad`` (``None`` if none), for a log-det at the solution."""
         self.refresh_lipschitz()
         params = self._params() if torch.is_grad_enabled() else []
-        if self.inverse_method == "newton":
-            if context is not None:
-                raise ValueError("inverse_method='newton' does not support a context; use 'fixed_point'")
+        if self.inverse_method == "newton":  # never conditional: the constructor refuses that
             with torch.set_grad_enabled(bool(params)):
                 fast = self._read_fused()  # whatever exact_trace says: that option is the log-det's
             with self._diagnostics_kept_on_error():
