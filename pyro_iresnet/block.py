@@ -49,7 +49,6 @@ from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import (
     LipschitzMLP,
     _spectral_norm_layers,
-    _version,
     frozen_spectral_norm,
     lipschitz_bound,
     refresh_spectral_norm,
@@ -376,19 +375,11 @@ class ResidualBlock(nn.Module):
 
         Its power-iteration buffers are copies taken now, so a refresh before that backward (a call
         in ``eval()``, ``refresh_spectral_norm``, normflows' ``update_lipschitz``) does not change the
-        $g$ differentiated. A parameter of $g$ modified in place in between raises, as autograd does
-        for the tensors it saves: the gradient would belong to another $g$ than the values."""
+        $g$ differentiated. (A parameter of $g$ modified in place in between is refused by autograd:
+        the Functions that evaluate $g$ at backward time save the parameters.)"""
         snapshot = [(module, name, module._buffers[name].clone()) for module, name in self._normalization_buffers()]
-        parameters = list(self.net.parameters())
-        versions = [_version(p) for p in parameters]
 
         def g(x: Tensor, context: Tensor | None = None) -> Tensor:
-            if [_version(p) for p in parameters] != versions:
-                raise RuntimeError(
-                    f"a parameter of the net of residual block {self.name} was modified in place between its forward "
-                    "pass and this backward pass (e.g. an optimiser step in between), so the gradient would belong "
-                    "to another g than the values: call backward before the step"
-                )
             with _swapped_buffers(snapshot):
                 return self.g(x, context)
 
@@ -410,7 +401,7 @@ class ResidualBlock(nn.Module):
         buffers, runs no forward."""
         return fused_mlp(self.net)
 
-    def _fused_net(self, context: Tensor | None) -> FusedMLP | None:
+    def _fused_net(self) -> FusedMLP | None:
         """The fast-path parameters (see ``fused``) for this call, or ``None`` for the generic path."""
         if self.fused is False or self.exact_trace or self.event_dim != 1:
             return None
@@ -526,7 +517,7 @@ class ResidualBlock(nn.Module):
             fast = fast_no_grad
         else:
             with torch.set_grad_enabled(needs_grad):
-                fast = self._fused_net(context)
+                fast = self._fused_net()
         if method == "exact":
             self.last_diagnostics = Diagnostics("exact", None, None)
             with torch.set_grad_enabled(needs_grad):
@@ -658,14 +649,14 @@ class ResidualBlock(nn.Module):
             self.last_diagnostics = Diagnostics(inverse=info)
             return x, None
         with torch.no_grad():
-            fast = self._fused_net(context)
-        # a backward pass evaluates g again (the adjoint) only if this call records a graph
-        g = g_later = self._g_for_backward() if torch.is_grad_enabled() else self.g
-        if fast is not None:  # solver iterations (no_grad) skip the modules; the adjoint uses g
-            g_solver = solver_net(fast)
+            fast = self._fused_net()
+        # solver iterations (no_grad) run the fused net where there is one; the adjoint, which a
+        # backward pass runs only if this call records a graph, evaluates g as this call applies it
+        g_solver = self.g if fast is None else solver_net(fast)
+        g_later = self._g_for_backward() if torch.is_grad_enabled() else g_solver
 
-            def g(x: Tensor, context: Tensor | None = None) -> Tensor:
-                return g_later(x, context) if torch.is_grad_enabled() else g_solver(x, context)
+        def g(x: Tensor, context: Tensor | None = None) -> Tensor:
+            return g_later(x, context) if torch.is_grad_enabled() else g_solver(x, context)
 
         with self._diagnostics_kept_on_error():
             x, info = fixed_point_inverse(
@@ -689,7 +680,7 @@ class ResidualBlock(nn.Module):
             $x$ of shape ``(..., *event)`` and $\log\det(I + J_g(x))$ of the batch shape.
         """
         y_flat, context, batch_shape, shape = self._prepare(y, "y", context)
-        solver = self._value_only_newton(y_flat, context)
+        solver = self._value_only_newton(y_flat)
         if solver is not None:
             with self._diagnostics_kept_on_error():
                 x_flat, logdet, info = newton_inverse_and_logdet(
@@ -704,7 +695,7 @@ class ResidualBlock(nn.Module):
         self.last_diagnostics.inverse = info
         return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
 
-    def _value_only_newton(self, y_flat: Tensor, context: Tensor | None) -> SolverNet | None:
+    def _value_only_newton(self, y_flat: Tensor) -> SolverNet | None:
         """The fused net for :func:`~pyro_iresnet.fused_inverse.newton_inverse_and_logdet` when it applies
         to this ``inverse_and_logdet`` call (``None`` otherwise): ``inverse_method="newton"``, no
         gradient needed and the exact log-det."""
@@ -716,7 +707,7 @@ class ResidualBlock(nn.Module):
             return None
         self.refresh_lipschitz()
         with torch.no_grad():
-            fast = self._fused_net(context)
+            fast = self._fused_net()
         return None if fast is None else solver_net(fast)
 
     def extra_repr(self) -> str:

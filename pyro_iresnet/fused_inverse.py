@@ -132,7 +132,7 @@ class SolverNet:
             if kind == "lipswish" and self.fold:
                 h = torch.nn.functional.silu(h, inplace=not keep)
             elif kind == "lipswish":
-                h = _act(kind, h, self.mlp.betas[i], None)[0]
+                h = h * torch.sigmoid(h * self.mlp.betas[i]) / _LIPSWISH_SCALE
             else:
                 h = torch.nn.functional.elu(h, alpha)
         return h, pre

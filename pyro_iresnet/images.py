@@ -450,11 +450,6 @@ class FactorOut(_FreshCache, TransformModule):
         y1, _ = self._split(y, "y")
         return self.inner.log_abs_det_jacobian(x1, y1)
 
-    def clear_cache(self) -> None:
-        super().clear_cache()
-        self._cached_logdet = None
-        self._cached_halves = None
-
     def _cache_fields(self) -> dict[str, Any]:
         return {**super()._cache_fields(), "_cached_logdet": None, "_cached_halves": None}
 

@@ -113,15 +113,6 @@ def _residual_tolerance(y: Tensor, atol: float, rtol: float) -> Tensor:
     return (atol + rtol * y.flatten(1).abs().amax(1)).nan_to_num(nan=math.inf)
 
 
-def _adjoint_tolerance(v: Tensor, atol: float, rtol: float) -> Tensor:
-    r"""$(\mathrm{atol} + \mathrm{rtol})\,\|v_n\|_\infty$ per sample: the adjoint $u = v - J^\top u$ is
-    linear in $v$, so an absolute tolerance in the units of $y$ would stop it early (a wrong
-    gradient, silently) whenever the upstream gradient is small, and a batch-wide scale would
-    tie each sample's accuracy to the others' (and to a NaN among them). A zero row finishes at
-    once; Inf where NaN."""
-    return ((atol + rtol) * v.flatten(1).abs().amax(1)).nan_to_num(nan=math.inf)
-
-
 def _finished(residual: Tensor, tol: Tensor) -> Tensor:
     """Samples whose residual is within ``tol`` or NaN/Inf (a diverged iterate cannot recover);
     ``tol`` from :func:`_residual_tolerance` (never NaN)."""
@@ -160,16 +151,14 @@ def _plain_fixed_point(g: RowNet, y: Tensor, tol: Tensor, max_iter: int) -> tupl
         step_residual = _max_abs(x_next - x_active)  # = residual of x_active, exactly
         done = _finished(step_residual, tol_active)
         n_done = int(done.sum())
-        if n_done == done.shape[0]:
+        if n_done == done.shape[0] or iteration == max_iter:  # return the iterates whose residual was checked
             x[active], residual[active] = x_active, step_residual
-            return x, SolveInfo(iteration, residual, bool(torch.isfinite(residual).all()))
-        if iteration == max_iter:  # the iterate whose residual was checked, not the step after it
-            x[active], residual[active] = x_active, step_residual
-            return x, SolveInfo(max_iter, residual, False)
+            converged = n_done == done.shape[0] and bool(torch.isfinite(residual).all())
+            return x, SolveInfo(iteration, residual, converged)
         # Finished samples leave the batch once they are an eighth of it (until then iterating them
         # further costs less than compacting the batch, and keeps them converged), and before each
         # progress check, so that only unfinished samples are judged or handed to Anderson.
-        check_progress = iteration % _PROGRESS_WINDOW == 0 and iteration < max_iter
+        check_progress = iteration % _PROGRESS_WINDOW == 0
         if n_done and (n_done * _COMPACT_FRACTION >= done.shape[0] or check_progress):
             finished, keep = done.nonzero().squeeze(1), (~done).nonzero().squeeze(1)
             rows = active.index_select(0, finished)
@@ -343,7 +332,10 @@ class _ImplicitInverse(torch.autograd.Function):
 
             # the plain fixed point (whatever the forward's method): u <- v - J^T u, per-sample exit,
             # Anderson if it stalls
-            tol = _adjoint_tolerance(grad_x, config.atol, config.rtol)
+            # (atol + rtol) |v_n| per sample: the adjoint is linear in v, so an absolute tolerance in the
+            # units of y would stop it early (a wrong gradient, silently) whenever the upstream
+            # gradient is small, and a batch-wide scale would tie each sample's accuracy to the others'
+            tol = _residual_tolerance(grad_x, 0.0, config.atol + config.rtol)
             u, info = _plain_fixed_point(jtu_rows, grad_x, tol, config.max_iter)
             if not info.converged:
                 _report(info, "adjoint of the inverse", config.strict, config.lipschitz())

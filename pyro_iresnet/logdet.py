@@ -38,12 +38,11 @@ __all__ = [
 
 import math
 from collections.abc import Callable, Sequence
-from numbers import Real
 
 import torch
 from torch import Tensor
 
-from .errors import check_choice, check_positive_finite, check_positive_int, check_roulette_p
+from .errors import _check_real, check_choice, check_positive_finite, check_positive_int, check_roulette_p
 from .first_order import USE_THE_GENERIC_PATH, first_order_backward
 
 Net = Callable[[Tensor], Tensor]
@@ -81,11 +80,7 @@ def logdet_error_bound(lip: float, n_terms: int, dim: int) -> float:
         >>> logdet_error_bound(0.9, n_terms=10, dim=2) > logdet_error_bound(0.9, n_terms=20, dim=2)
         True
     """
-    if isinstance(lip, bool) or not isinstance(lip, Real):  # a tensor: pass float(lip)
-        raise TypeError(f"lip must be a float in [0, 1), got {type(lip).__name__}")
-    if not 0.0 <= lip < 1.0:
-        raise ValueError(f"lip must be in [0, 1), got {lip}")
-    lip = float(lip)
+    lip = _check_real("lip", lip, lambda v: 0.0 <= v < 1.0, "a float in [0, 1)", "in [0, 1)")  # not a tensor
     check_positive_int("n_terms", n_terms)
     check_positive_int("dim", dim)
     # The tail sum_{k>n} L^k/k, summed directly (-ln(1-L) minus the partial sum cancels
@@ -432,16 +427,18 @@ class _BackwardInForward(torch.autograd.Function):
             x_leaf = x.detach().requires_grad_()
             gx, logdet = estimator(x_leaf)
             grads = torch.autograd.grad(logdet.sum(), (x_leaf, *params), retain_graph=True, allow_unused=True)
-        ctx.estimator, ctx.x_leaf, ctx.gx, ctx.params = estimator, x_leaf, gx, params
+        ctx.estimator, ctx.x_leaf, ctx.gx = estimator, x_leaf, gx
         ctx.logdet_grads = grads
-        ctx.save_for_backward(x)
+        # the parameters are saved so that autograd refuses a backward after an in-place change of
+        # them (an optimiser step in between): the backward evaluates g with them again
+        ctx.save_for_backward(x, *params)
         return gx.detach(), logdet.detach()
 
     @staticmethod
     @first_order_backward(
         "The memory-saving backward (memory_efficient=True; normflows: reduce_memory=True)",
         USE_THE_GENERIC_PATH,
-        lambda ctx: (*ctx.saved_tensors, *ctx.params),
+        lambda ctx: ctx.saved_tensors,
     )
     def backward(ctx, grad_gx: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:
         if ctx.gx is None:  # freed by the first backward, to keep the memory saving
@@ -451,7 +448,7 @@ class _BackwardInForward(torch.autograd.Function):
                 "retain_graph says. To differentiate twice, use memory_efficient=False (normflows: "
                 "reduce_memory=False)."
             )
-        x_leaf, params = ctx.x_leaf, ctx.params
+        x_leaf, params = ctx.x_leaf, ctx.saved_tensors[1:]
         grad_x_logdet, *grad_params_logdet = ctx.logdet_grads
         with torch.enable_grad():
             grad_x, *grad_params = torch.autograd.grad(ctx.gx, (x_leaf, *params), grad_gx, allow_unused=True)

@@ -90,9 +90,10 @@ class _FreshCache:
         return x
 
     def clear_cache(self) -> None:
-        """Forget the cached pair (not needed after an optimiser step: see the class docstring)."""
-        self._cached_x_y = None, None
-        self._cached_state = None
+        """Forget everything cached (the last pair and, where kept, its log-det); not needed after an
+        optimiser step or a change of mode: see the class docstring."""
+        for name, empty in self._cache_fields().items():
+            setattr(self, name, empty)
 
     def __getstate__(self) -> dict[str, Any]:
         """The state without the cached tensors (the last batch's pair, a log-det with its graph),
@@ -153,12 +154,6 @@ class _ResidualTransform(_FreshCache):
         if cached is not None and cached[0] is x and cached[1] is y:
             return cached[2]
         return self.block.logdet(x, self._context)
-
-    def clear_cache(self) -> None:
-        """Forget the cached pair and its log-det. Not needed after an optimiser step: the caches
-        are dropped automatically once a parameter (or the context) changes in place, or the mode."""
-        super().clear_cache()
-        self._cached_logdet = None
 
     def _cache_fields(self) -> dict[str, Any]:
         return {**super()._cache_fields(), "_cached_logdet": None}

@@ -508,9 +508,9 @@ def test_eval_call_between_forward_and_backward_leaves_the_gradient_unchanged(fu
 
 
 def test_parameter_changed_between_forward_and_backward_raises() -> None:
-    """A parameter modified in place (an optimiser step) before the backward: autograd refuses it for
-    the tensors it saved (the inverse saves the parameters); the memory-saving estimator, which
-    re-runs g at backward time for weighted losses without saving them, refuses it too."""
+    """A parameter modified in place (an optimiser step) before the backward: the inverse and the
+    memory-saving estimator evaluate g again at backward time, so they save the parameters and
+    autograd refuses it (the memory-saving estimator did not save them and used the new values)."""
     torch.manual_seed(0)
     block = ResidualBlock(LipschitzMLP([2, 8, 2], coeff=0.9).double())
     y = torch.randn(4, 2, dtype=DTYPE, requires_grad=True)
@@ -523,7 +523,7 @@ def test_parameter_changed_between_forward_and_backward_raises() -> None:
     _, logdet = block.forward_and_logdet(torch.randn(4, 2, dtype=DTYPE))
     with torch.no_grad():
         block.net.layers[0].bias.add_(0.1)
-    with pytest.raises(RuntimeError, match="modified in place between its forward pass and this backward pass"):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (logdet * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=DTYPE)).sum().backward()
 
 

@@ -616,9 +616,9 @@ def test_normflows_mlp_dispatch_and_newton_sampling() -> None:
     fused=True and the Newton inverse accept the MLP; sampling agrees with the fixed point."""
     mlp = nf.nets.LipschitzMLP([2, 16, 16, 2], lipschitz_const=0.9, init_zeros=False)
     cnn = nf.nets.LipschitzCNN([2, 4, 2], [3, 3], lipschitz_const=0.9)
-    assert Residual(mlp).block._fused_net(None) is not None
-    assert Residual(mlp, fused=False).block._fused_net(None) is None
-    assert Residual(cnn).block._fused_net(None) is None
+    assert Residual(mlp).block._fused_net() is not None
+    assert Residual(mlp, fused=False).block._fused_net() is None
+    assert Residual(cnn).block._fused_net() is None
     with pytest.raises(ValueError, match="fused=True needs a LipschitzMLP"):
         Residual(cnn, fused=True)
     base = nf.distributions.DiagGaussian(2, trainable=False)
