@@ -54,12 +54,12 @@ from .lipschitz import (
     refresh_spectral_norm,
 )
 from .logdet import (
+    _roulette_weights,
     backward_in_forward,
     draw_probes,
     exact_logdet,
     hutchinson_logdet,
     jacobian_series_logdet,
-    roulette_weights,
     series_weights,
 )
 
@@ -528,7 +528,7 @@ class ResidualBlock(nn.Module):
             weights = series_weights(self.n_terms)
         else:
             param = self.p if self.roulette == "geometric" else self.lam
-            weights = roulette_weights(self.n_exact_terms, self.roulette, param, self.n_roulette_draws)
+            weights = _roulette_weights(self.n_exact_terms, self.roulette, param, self.n_roulette_draws)
         self.last_diagnostics = Diagnostics(method, len(weights), None)
         if self.exact_trace:
             with torch.set_grad_enabled(needs_grad):

@@ -261,9 +261,18 @@ def roulette_weights(
     check_positive_int("n_draws", n_draws)
     check_choice("roulette", roulette, ("geometric", "poisson"))
     if roulette == "geometric":
-        draws = torch.empty(n_draws, dtype=torch.float64, device="cpu").geometric_(check_roulette_p("p", param))
+        check_roulette_p("p", param)
     else:
         check_positive_finite("lam", param)
+    return _roulette_weights(n_exact_terms, roulette, param, n_draws)
+
+
+def _roulette_weights(n_exact_terms: int, roulette: str, param: float, n_draws: int) -> list[float]:
+    """:func:`roulette_weights` for arguments already checked (a block checks its own once, at
+    construction, not at every training step)."""
+    if roulette == "geometric":
+        draws = torch.empty(n_draws, dtype=torch.float64, device="cpu").geometric_(param)
+    else:
         draws = torch.poisson(torch.full((n_draws,), float(param), dtype=torch.float64, device="cpu"))
     counts = [int(d) for d in draws.tolist()]  # CPU tensor: no device sync
     n_terms = max(n_exact_terms + max(counts), 1)
