@@ -35,7 +35,8 @@ def build_model(
     num_blocks: int = 16, hidden_units: int = 128, hidden_layers: int = 3, net: str = "ours"
 ) -> nf.NormalizingFlow:
     """normflows' residual-flow architecture with our layer, over our Lipschitz MLP or normflows'
-    (``net="normflows"``)."""
+    (``net="normflows"``). Our MLP keeps its default initialisation; normflows' is built with
+    ``init_zeros=True`` (its last layer scaled by 1/1000), as normflows' example does."""
     flows = []
     widths = [2] + [hidden_units] * (hidden_layers - 1) + [2]
     for _ in range(num_blocks):
