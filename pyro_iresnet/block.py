@@ -68,6 +68,48 @@ _CREATION_ORDER = itertools.count()
 EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 
 
+
+def _check_fused(fused: bool | str) -> bool | str:
+    if isinstance(fused, str) and fused != "auto":
+        raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
+    if isinstance(fused, str):
+        return fused
+    try:  # numpy booleans too; not 0/1
+        return check_bool("fused", fused)
+    except TypeError:
+        raise TypeError(f"fused must be True, False or 'auto', got {fused!r}") from None
+
+
+#: The checks of the options a block keeps as attributes, under the constructor's argument names
+#: (``logdet_method`` is the argument ``logdet``); :meth:`ResidualBlock.__setattr__` runs them on
+#: every assignment, at construction and after.
+_OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "logdet_method": functools.partial(check_choice, "logdet", choices=LOGDET_METHODS),
+    "n_terms": functools.partial(check_positive_int, "n_terms"),
+    "n_exact_terms": functools.partial(check_positive_int, "n_exact_terms", minimum=0),
+    "roulette": functools.partial(check_choice, "roulette", choices=("geometric", "poisson")),
+    "p": functools.partial(check_roulette_p, "p"),
+    "lam": functools.partial(check_positive_finite, "lam"),
+    "n_roulette_draws": functools.partial(check_positive_int, "n_roulette_draws"),
+    "n_probes": functools.partial(check_positive_int, "n_probes"),
+    "probe": functools.partial(check_choice, "probe", choices=("gaussian", "rademacher")),
+    "neumann_grad": functools.partial(check_bool, "neumann_grad"),
+    "memory_efficient": functools.partial(check_bool, "memory_efficient"),
+    "eval_logdet": functools.partial(check_choice, "eval_logdet", choices=EVAL_LOGDET_METHODS),
+    "exact_max_dim": functools.partial(check_positive_int, "exact_max_dim"),
+    "atol": functools.partial(check_tolerance, "atol"),
+    "rtol": functools.partial(check_tolerance, "rtol"),
+    "max_iter": functools.partial(check_positive_int, "max_iter"),
+    "strict": functools.partial(check_bool, "strict"),
+    "check_finite": lambda value: None if value is None else check_bool("check_finite", value),
+    "event_dim": functools.partial(check_positive_int, "event_dim"),
+    "fused": _check_fused,
+    "exact_trace": functools.partial(check_bool, "exact_trace"),
+    "inverse_method": functools.partial(check_choice, "inverse_method", choices=("fixed_point", "anderson", "newton")),
+}
+#: Options that must also fit the net and each other (:meth:`ResidualBlock._check_structure`).
+_STRUCTURE_OPTIONS = ("event_dim", "fused", "exact_trace", "inverse_method")
+
 _Method = TypeVar("_Method", bound=Callable[..., Any])
 # torch.compiler.disable imports torch._dynamo when it decorates (about 1 s at import time); torch's
 # own lazy variant imports it on the first call instead (the public one if a torch lacks it)
@@ -220,7 +262,10 @@ class ResidualBlock(nn.Module):
         ValueError: If an option is out of range or not one of its choices, ``fused=True`` /
             ``inverse_method="newton"`` is asked for with an unsupported ``net``, or ``fused=True``
             with ``exact_trace=True``. A call with a context raises it too if ``net`` takes none
-            (no ``context_dim`` and a ``forward`` with a single argument).
+            (no ``context_dim`` and a ``forward`` with a single argument). The options are kept as
+            attributes of the same names (``logdet`` as ``logdet_method``); assigning one later
+            (``block.atol = 1e-8``) runs the same checks and, if they fail, leaves the block
+            unchanged.
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
@@ -269,67 +314,63 @@ class ResidualBlock(nn.Module):
             raise TypeError(f"net must be an nn.Module, got {type(net).__name__}")
         _check_residual_shape(net)
         self.net = net
-        self.event_dim = check_positive_int("event_dim", event_dim)
-        net_event_shape = getattr(net, "event_shape", None)
-        if net_event_shape is not None and len(net_event_shape) != self.event_dim:
-            raise ValueError(
-                f"event_dim={self.event_dim} does not fit the net's event_shape {tuple(net_event_shape)} "
-                f"({type(net).__name__} takes inputs (N, *event_shape): event_dim={len(net_event_shape)})"
-            )
-        self.logdet_method = check_choice("logdet", logdet, LOGDET_METHODS)
-        self.n_terms = check_positive_int("n_terms", n_terms)
-        self.n_exact_terms = check_positive_int("n_exact_terms", n_exact_terms, minimum=0)
-        self.roulette = check_choice("roulette", roulette, ("geometric", "poisson"))
-        self.p = check_roulette_p("p", p)
-        self.lam = check_positive_finite("lam", lam)
-        self.n_roulette_draws = check_positive_int("n_roulette_draws", n_roulette_draws)
-        self.n_probes = check_positive_int("n_probes", n_probes)
-        self.probe = check_choice("probe", probe, ("gaussian", "rademacher"))
-        self.exact_trace = check_bool("exact_trace", exact_trace)
-        self.neumann_grad = check_bool("neumann_grad", neumann_grad)
-        self.memory_efficient = check_bool("memory_efficient", memory_efficient)
-        self.eval_logdet = check_choice("eval_logdet", eval_logdet, EVAL_LOGDET_METHODS)
-        self.exact_max_dim = check_positive_int("exact_max_dim", exact_max_dim)
-        self.atol, self.rtol = check_tolerance("atol", atol), check_tolerance("rtol", rtol)
-        self.max_iter = check_positive_int("max_iter", max_iter)
-        self.inverse_method = check_choice(
-            "inverse_method", inverse_method, ("fixed_point", "anderson", "newton")
+        self.context_dim: int | None = getattr(net, "context_dim", None)
+        # every option goes through __setattr__, which checks it as it would a later reassignment
+        options = dict(
+            logdet_method=logdet, n_terms=n_terms, n_exact_terms=n_exact_terms, roulette=roulette, p=p, lam=lam,
+            n_roulette_draws=n_roulette_draws, n_probes=n_probes, probe=probe, neumann_grad=neumann_grad,
+            memory_efficient=memory_efficient, eval_logdet=eval_logdet, exact_max_dim=exact_max_dim, atol=atol,
+            rtol=rtol, max_iter=max_iter, strict=strict, check_finite=check_finite,
         )
-        self.strict = check_bool("strict", strict)
-        self.check_finite = None if check_finite is None else check_bool("check_finite", check_finite)
-        if isinstance(fused, str) and fused != "auto":
-            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
-        if not isinstance(fused, str):  # numpy booleans too; not 0/1 (checked by identity below)
-            try:
-                fused = check_bool("fused", fused)
-            except TypeError:
-                raise TypeError(f"fused must be True, False or 'auto', got {fused!r}") from None
-        if fused is True and not self._supports_fused(net):
+        for name, value in options.items():
+            setattr(self, name, value)
+        structure = dict(event_dim=event_dim, fused=fused, exact_trace=exact_trace, inverse_method=inverse_method)
+        structure = {name: _OPTION_CHECKS[name](value) for name, value in structure.items()}
+        self._check_structure(**structure)
+        self.__dict__.update(structure)
+        self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
+        self._net_takes_context = self.context_dim is not None or _accepts_second_argument(net)
+        self.last_diagnostics = Diagnostics()
+        self.name = f"#{next(_CREATION_ORDER)}"  # see name_blocks
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Options reassigned after construction (``block.atol = 1e-8``) are checked as the
+        constructor checks them; a reassignment that fails leaves the block unchanged."""
+        check = _OPTION_CHECKS.get(name)
+        if check is not None:
+            value = check(value)
+            if name in _STRUCTURE_OPTIONS and name in self.__dict__:
+                self._check_structure(**{key: self.__dict__[key] for key in _STRUCTURE_OPTIONS} | {name: value})
+        super().__setattr__(name, value)
+
+    def _check_structure(self, *, event_dim: int, fused: bool | str, exact_trace: bool, inverse_method: str) -> None:
+        """The options that must fit the net and each other (each one already checked alone)."""
+        net_event_shape = getattr(self.net, "event_shape", None)
+        if net_event_shape is not None and len(net_event_shape) != event_dim:
             raise ValueError(
-                f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(net).__name__}; "
+                f"event_dim={event_dim} does not fit the net's event_shape {tuple(net_event_shape)} "
+                f"({type(self.net).__name__} takes inputs (N, *event_shape): event_dim={len(net_event_shape)})"
+            )
+        if fused is True and not self._supports_fused(self.net):
+            raise ValueError(
+                f"fused=True needs a LipschitzMLP with LipSwish/ELU activations, got {type(self.net).__name__}; "
                 "use fused='auto' or False"
             )
-        if fused is True and self.event_dim != 1:
-            raise ValueError(f"fused=True needs event_dim=1 (the fused path is for vectors), got {self.event_dim}")
+        if fused is True and event_dim != 1:
+            raise ValueError(f"fused=True needs event_dim=1 (the fused path is for vectors), got {event_dim}")
         if fused is True and exact_trace:
             raise ValueError(
                 "fused=True does not cover exact_trace=True (the fused path estimates traces with probes); "
                 "use fused='auto' or exact_trace=False"
             )
-        self.fused = fused
-        self.context_dim: int | None = getattr(net, "context_dim", None)
-        newton_ok = (fused is not False and self.context_dim is None and self.event_dim == 1
-                     and self._supports_fused(net))
+        newton_ok = (fused is not False and self.context_dim is None and event_dim == 1
+                     and self._supports_fused(self.net))
         if inverse_method == "newton" and not newton_ok:
             raise ValueError(
                 f"inverse_method='newton' needs the fused path without a context (a LipschitzMLP with "
-                f"LipSwish/ELU, event_dim=1 and fused != False), got net {type(net).__name__}, "
-                f"event_dim={self.event_dim} and fused={fused!r}"
+                f"LipSwish/ELU, event_dim=1 and fused != False), got net {type(self.net).__name__}, "
+                f"event_dim={event_dim} and fused={fused!r}"
             )
-        self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
-        self._net_takes_context = self.context_dim is not None or _accepts_second_argument(net)
-        self.last_diagnostics = Diagnostics()
-        self.name = f"#{next(_CREATION_ORDER)}"  # see name_blocks
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -173,6 +173,33 @@ def test_bad_options_raise_clear_errors(kwargs: dict, match: str) -> None:
         ResidualBlock(make_active_mlp([3, 16, 3], 0.9), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "name, value, error, match",
+    [
+        ("p", 1.0, ValueError, r"p must be in \(0, 1\)"),
+        ("n_terms", 0, ValueError, "n_terms must be >= 1, got 0"),
+        ("atol", float("nan"), ValueError, "atol must be >= 0, got nan"),
+        ("strict", "False", TypeError, "strict must be True or False"),
+        ("logdet_method", "hutchinson", ValueError, "logdet must be one of"),
+        ("fused", 1, TypeError, "fused must be True, False or 'auto'"),
+        ("exact_trace", True, ValueError, "fused=True does not cover exact_trace=True"),
+        ("inverse_method", "newton", ValueError, "inverse_method='newton' needs the fused path"),
+    ],
+)
+def test_options_reassigned_later_are_checked(name: str, value: object, error: type, match: str) -> None:
+    """``block.p = 1.0`` would silently make the unbiased estimator a fixed truncation; a rejected
+    reassignment leaves the block as it was."""
+    block = ResidualBlock(LipschitzMLP([2, 8, 2]), fused=True)
+    if name == "inverse_method":
+        block.fused = False  # checked too: newton needs the fused path
+    before = dict(vars(block))
+    with pytest.raises(error, match=match):
+        setattr(block, name, value)
+    assert {key: vars(block)[key] for key in before} == before
+    block.atol, block.p = 1e-8, 0.25  # valid reassignments take
+    assert (block.atol, block.p) == (1e-8, 0.25)
+
+
 def test_net_must_be_module() -> None:
     with pytest.raises(TypeError, match="net must be an nn.Module, got function"):
         ResidualBlock(lambda x: 0.5 * x)
