@@ -815,6 +815,9 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
     Returns:
         The names given, in order.
 
+    Raises:
+        TypeError: If ``model`` is none of these.
+
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
@@ -845,6 +848,11 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
         elif hasattr(obj, "_inv") and obj._inv is not None:  # a transform's .inv
             visit(obj._inv, path)
 
+    if not isinstance(model, (nn.Module, list, tuple, torch.distributions.Transform, torch.distributions.Distribution)):
+        raise TypeError(
+            "model must be an nn.Module, a Transform, a TransformedDistribution or a list/tuple of them, "
+            f"got {type(model).__name__}"
+        )
     visit(model, prefix)
     unique = list({id(block): (path, block) for path, block in found}.values())
     for k, (path, block) in enumerate(unique):

@@ -45,6 +45,7 @@ from .inverse import (
     _COMPACT_FRACTION,
     _INVERSE_INSTEAD,
     SolveInfo,
+    _check_targets,
     _finished,
     _max_abs,
     _residual_tolerance,
@@ -260,6 +261,16 @@ def _require_unconditional(context_weight: Tensor | None) -> None:
         raise ValueError("the Newton inverse does not take a context: for a conditional net use the fixed point")
 
 
+def _check_newton_targets(y: Tensor, weight: Tensor) -> None:
+    """``y`` of shape ``(N, d)`` in the dtype of the net, whose first weight is ``weight`` (``(h, d)``)."""
+    _check_targets(y)
+    d = weight.shape[1]
+    if y.dim() != 2 or y.shape[1] != d:
+        raise ValueError(f"y must have shape (N, {d}) for this net, got {tuple(y.shape)}")
+    if y.dtype != weight.dtype:
+        raise TypeError(f"y has dtype {y.dtype} but the net's weights are {weight.dtype}; convert one of them")
+
+
 @dataclass
 class _InverseConfig:
     mlp: FusedMLP
@@ -340,8 +351,10 @@ def newton_inverse(
         $x$ of shape ``(N, d)`` and a :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
-        ValueError: If ``atol``/``rtol`` is NaN or negative, or the net is conditional (a context
-            weight: the Newton inverse takes no context).
+        TypeError: If ``y`` is not a floating tensor in the net's dtype.
+        ValueError: If ``atol``/``rtol`` is NaN or negative, ``y`` is not ``(N, d)`` for the
+            net's $d$, or the net is conditional (a context weight: the Newton inverse takes no
+            context).
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -361,6 +374,7 @@ def newton_inverse(
     """
     check_positive_int("max_iter", max_iter)
     _require_unconditional(mlp.context_weight)
+    _check_newton_targets(y, mlp.weights[0])
     info = SolveInfo()
     config = _InverseConfig(mlp, *_tolerances(y.dtype, atol, rtol), max_iter, strict, lipschitz, info)
     return _NewtonInverse.apply(config, y, *mlp.tensors()), info
@@ -401,8 +415,10 @@ def newton_inverse_and_logdet(
         :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
-        ValueError: If ``atol``/``rtol`` is NaN or negative, or the net is conditional (a context
-            weight: the Newton inverse takes no context).
+        TypeError: If ``y`` is not a floating tensor in the net's dtype.
+        ValueError: If ``atol``/``rtol`` is NaN or negative, ``y`` is not ``(N, d)`` for the
+            net's $d$, or the net is conditional (a context weight: the Newton inverse takes no
+            context).
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -426,6 +442,7 @@ def newton_inverse_and_logdet(
     """
     check_positive_int("max_iter", max_iter)
     _require_unconditional(net.context_weight_t)
+    _check_newton_targets(y, net.mlp.weights[0])
     atol, rtol = _tolerances(y.dtype, atol, rtol)
     with torch.no_grad():
         x, logdet, info = _newton(net, y, _residual_tolerance(y, atol, rtol), max_iter, with_logdet=True)

@@ -55,13 +55,24 @@ from torch import Tensor, nn
 from torch.distributions import constraints
 
 from .conv import LipschitzCNN, _check_shape
-from .errors import check_bool, check_finite, check_positive_int, check_unit_interval
+from .errors import (
+    _check_real,
+    check_bool,
+    check_finite,
+    check_positive_finite,
+    check_positive_int,
+    check_unit_interval,
+)
 from .pyro import InvertibleResidual, _FreshCache, _split_options
 
 _IMAGE = constraints.independent(constraints.real, 3)
 
 
 def _check_image(name: str, x: Tensor, channels: int | None = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():  # integer pixels included: dequantize them first
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
     if x.dim() < 3 or (channels is not None and x.shape[-3] != channels):
         expected = f"(..., {channels}, H, W)" if channels is not None else "(..., C, H, W)"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
@@ -175,7 +186,12 @@ class ActNorm(_FreshCache, TransformModule):
 
     Args:
         num_channels: Channels $C$.
-        eps: Added to the standard deviation at initialisation.
+        eps: Added to the standard deviation at initialisation (finite, $> 0$).
+
+    Raises:
+        TypeError: If an input is not a floating tensor.
+        ValueError: If ``num_channels`` or ``eps`` is out of range, an input is not shaped
+            ``(..., C, H, W)``, or the batch that initialises the map holds NaN/Inf.
 
     References:
         Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma & Dhariwal, 2018),
@@ -195,7 +211,7 @@ class ActNorm(_FreshCache, TransformModule):
     def __init__(self, num_channels: int, eps: float = 1e-6, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
         self.num_channels = check_positive_int("num_channels", num_channels)
-        self.eps = float(eps)
+        self.eps = check_positive_finite("eps", eps)
         self.bias = nn.Parameter(torch.zeros(num_channels))
         self.log_scale = nn.Parameter(torch.zeros(num_channels))
         self.register_buffer("initialized", torch.tensor(False))
@@ -261,7 +277,8 @@ class LogitTransform(_FreshCache, TransformModule):
         alpha: Margin $\alpha \in (0, 1/2)$ keeping $p$ away from 0 and 1.
 
     Raises:
-        ValueError: If ``levels`` is below 2 or ``alpha`` is outside $(0, 1/2)$.
+        ValueError: If ``levels`` is below 2, ``alpha`` is outside $(0, 1/2)$, or (on the CPU, where
+            the check reads no device memory) data lies outside the domain.
 
     References:
         Density estimation using Real NVP (Dinh et al., 2017), https://arxiv.org/abs/1605.08803
@@ -279,9 +296,7 @@ class LogitTransform(_FreshCache, TransformModule):
     def __init__(self, levels: int, alpha: float = 0.05, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
         self.levels = check_positive_int("levels", levels, minimum=2)
-        if not 0.0 < alpha < 0.5:
-            raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = _check_real("alpha", alpha, lambda v: 0.0 < v < 0.5, "a float in (0, 0.5)", "in (0, 0.5)")
         # the bijection's domain: p in (0, 1), i.e. v in (-alpha K, (1 - alpha) K) / (1 - 2 alpha),
         # which contains the data range (0, K) and the model's samples alike
         scale = self.levels / (1.0 - 2.0 * self.alpha)
@@ -294,7 +309,15 @@ class LogitTransform(_FreshCache, TransformModule):
 
     def _call(self, x: Tensor) -> Tensor:
         _check_image("x", x)
-        return torch.logit(self._p(x))
+        p = self._p(x)
+        if x.device.type == "cpu" and not bool(((p > 0) & (p < 1)).all()):  # NaN included; no sync elsewhere
+            low, high = self.domain.base_constraint.lower_bound, self.domain.base_constraint.upper_bound
+            raise ValueError(
+                f"x must lie in ({low:.4g}, {high:.4g}), the domain of the logit preprocessing for "
+                f"levels={self.levels}, alpha={self.alpha} (data in [0, {self.levels}) after dequantize), got "
+                f"values from {float(x.min()):.4g} to {float(x.max()):.4g}"
+            )
+        return torch.logit(p)
 
     def _inverse(self, y: Tensor) -> Tensor:
         _check_image("y", y)
@@ -335,8 +358,8 @@ def dequantize(x: Tensor) -> Tensor:
         >>> bool((v.floor() == x).all())
         True
     """
-    if not x.is_floating_point():
-        raise TypeError(f"x must have a floating dtype, got {x.dtype}")
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor, got {x.dtype if isinstance(x, Tensor) else type(x).__name__}")
     # x + u rounds up to x + 1 when u is within half an ulp of x below 1 (about 1 in 1.3e5 draws
     # at x = 255 in float32): keep v below x + 1, so that floor(v) = x
     return torch.minimum(x + torch.rand_like(x), torch.nextafter(x + 1, x))
@@ -492,6 +515,8 @@ def conv_iresnet(
         torch.Size([3, 2, 4, 4])
     """
     input_shape = _check_shape("input_shape", input_shape)
+    if not isinstance(kernel_sizes, Sequence) or isinstance(kernel_sizes, str):
+        raise TypeError(f"kernel_sizes must be a sequence of ints, got {type(kernel_sizes).__name__}")
     kernel_sizes = list(kernel_sizes)
     n_hidden = len(kernel_sizes) - 1
     if isinstance(hidden_channels, Integral) and not isinstance(hidden_channels, bool):
@@ -569,7 +594,7 @@ class MultiscaleTransform(_FreshCache, TransformModule):
 def _scale(
     shape: tuple[int, int, int], scales_left: int, n_blocks: int, factor_out: bool, actnorm: bool,
     block_kwargs: dict[str, Any],
-) -> _Compose:
+) -> _Scale:
     """Squeeze, blocks, the next scale (factored out or not), unsqueeze: shape-preserving."""
     c, h, w = shape
     if h % 2 or w % 2:
@@ -588,7 +613,7 @@ def _scale(
         else:
             parts.append(_scale(inner, scales_left - 1, n_blocks, factor_out, actnorm, block_kwargs))
     parts.append(Unsqueeze())
-    return _Compose(parts)
+    return _Scale(parts, shape)
 
 
 class _Compose(_FreshCache, ComposeTransformModule):
@@ -597,6 +622,29 @@ class _Compose(_FreshCache, ComposeTransformModule):
 
     def __init__(self, parts: Sequence[TransformModule]) -> None:
         super().__init__(parts, cache_size=1)
+
+
+class _Scale(_Compose):
+    """One scale of :func:`multiscale_iresnet` (see :func:`_scale`). Its explicit map checks the
+    batch before any part runs, so that a batch a residual block would refuse (shape, dtype) cannot
+    initialise an :class:`ActNorm` before it."""
+
+    def __init__(self, parts: Sequence[TransformModule], shape: tuple[int, int, int]) -> None:
+        super().__init__(parts)
+        self.shape = shape
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_image("x", x)
+        if tuple(x.shape[-3:]) != self.shape:
+            raise ValueError(f"x must have shape (..., {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        dtype = next(self.parameters()).dtype
+        cast_by_autocast = x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type)
+        if x.dtype != dtype and not cast_by_autocast:
+            raise TypeError(
+                f"x has dtype {x.dtype} but the model's parameters are {dtype}; convert one of them "
+                f"(e.g. model.to({x.dtype}))"
+            )
+        return super().__call__(x)
 
 
 def multiscale_iresnet(

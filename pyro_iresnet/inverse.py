@@ -58,6 +58,9 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     Args:
         dtype: Floating dtype of the solve.
 
+    Raises:
+        TypeError: If ``dtype`` is not a real floating ``torch.dtype``.
+
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 
@@ -67,6 +70,8 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
         >>> default_tolerances(torch.float64)
         (1e-12, 1e-13)
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"dtype must be a real floating torch.dtype, got {dtype!r}")
     if dtype == torch.float64:
         return 1e-12, 1e-13
     if dtype == torch.float32:
@@ -98,6 +103,19 @@ class SolveInfo:
     iterations: int = 0
     residual: Tensor | None = None
     converged: bool = True
+
+
+def _check_targets(y: Tensor, context: Tensor | None = None) -> None:
+    """The targets ``y`` of a solve: a floating tensor ``(N, *event)``; a context with ``N`` rows."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if not y.is_floating_point():
+        raise TypeError(f"y must have a floating dtype, got {y.dtype}")
+    if y.dim() < 2:
+        raise ValueError(f"y must have shape (N, *event), got {tuple(y.shape)}")
+    if context is not None and (not isinstance(context, Tensor) or context.dim() < 1 or len(context) != len(y)):
+        shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
+        raise ValueError(f"context must be a tensor with one row per sample of y ({len(y)}), got {shape}")
 
 
 def _tolerances(dtype: torch.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
@@ -383,8 +401,9 @@ def fixed_point_inverse(
         $x$ of shape ``(N, *event)`` and a :class:`SolveInfo`.
 
     Raises:
-        ValueError: If ``method`` is unknown, ``max_iter`` is below 1 or ``atol``/``rtol`` is
-            NaN or negative.
+        TypeError: If ``y`` is not a floating tensor.
+        ValueError: If ``method`` is unknown, ``max_iter`` is below 1, ``atol``/``rtol`` is
+            NaN or negative, ``y`` has fewer than 2 dimensions or ``context`` not one row per sample.
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -410,6 +429,7 @@ def fixed_point_inverse(
     """
     check_choice("inverse_method", method, ("fixed_point", "anderson"))
     check_positive_int("max_iter", max_iter)
+    _check_targets(y, context)
     info = SolveInfo()
     config = _Config(*_tolerances(y.dtype, atol, rtol), max_iter, method, strict, lipschitz, info)
     inputs = (y, *params) if context is None else (y, context, *params)

@@ -307,6 +307,7 @@ def draw_probes(x: Tensor, n_probes: int, probe: str) -> list[Tensor]:
         >>> len(probes), probes[0].shape, bool((probes[0].abs() == 1).all())
         (2, torch.Size([4, 3]), True)
     """
+    check_positive_int("n_probes", n_probes)
     check_choice("probe", probe, ("gaussian", "rademacher"))
     if probe == "gaussian":
         return [torch.randn_like(x) for _ in range(n_probes)]
@@ -362,6 +363,11 @@ def hutchinson_logdet(
         >>> torch.allclose(logdet, torch.full((3,), math.log(1.5 * 0.75)))
         True
     """
+    if not probes:
+        raise ValueError("probes must hold at least one probe tensor (draw_probes(x, n_probes >= 1, ...))")
+    if torch.is_inference_mode_enabled():  # autograd's VJPs refuse inference tensors: copies outside that mode
+        with torch.inference_mode(False):
+            return hutchinson_logdet(g, x.clone(), weights, [v.clone() for v in probes], neumann_grad, False)
     with torch.enable_grad():
         if not x.requires_grad:
             x = x.detach().requires_grad_()

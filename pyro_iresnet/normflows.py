@@ -66,6 +66,19 @@ def _event_dim(net: nn.Module) -> int:
     return 1
 
 
+def _check_first_layer_input(layer: InducedNormLinear | InducedNormConv2d, z: Tensor) -> None:
+    """A clear error for an input the first of normflows' layers cannot take (their own error
+    names a matmul or a convolution)."""
+    if isinstance(layer, InducedNormLinear):
+        dim, wanted, expected = -1, layer.in_features, f"(batch, {layer.in_features})"
+    else:
+        dim, wanted, expected = -3, layer.in_channels, f"(batch, {layer.in_channels}, H, W)"
+    if z.shape[dim] != wanted:
+        raise ValueError(
+            f"z must have shape {expected} for the net's first layer ({type(layer).__name__}), got {tuple(z.shape)}"
+        )
+
+
 def _check_lamb(value: float) -> float:
     """The Poisson roulette's rate, checked under normflows' name: a finite real number (numpy
     scalars included, ``bool`` refused) ``> 0``, returned as a Python float."""
@@ -445,8 +458,10 @@ class Residual(Flow):
                 f"z must have shape (batch, *event) with {self.block.event_dim} event dimension(s), "
                 f"got {tuple(z.shape)}"
             )
+        if self.block.induced_norm_layers:  # checked before the lazy initialisation and the refresh touch them
+            self.block._check_tensor(z, "z")
+            _check_first_layer_input(self.block.induced_norm_layers[0], z)
         if not self._convs_initialized:  # their convs learn the input size on the first forward
-            self.block._check_tensor(z, "z")  # dtype errors name z, not normflows' conv
             with torch.no_grad():
                 for layer in self.block.induced_norm_layers:  # which resize_s u and v: give them storage
                     for buffer in (layer.u, layer.v):  # that can be (not mapped from a checkpoint file)

@@ -574,3 +574,11 @@ def test_memory_efficient_first_derivative_under_create_graph_for_a_nonlinear_lo
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(RuntimeError, match="cannot be differentiated again"):
         grads[0][1].sum().backward()
+
+
+@pytest.mark.parametrize("model", [None, 3, "flow"])
+def test_name_blocks_refuses_what_holds_no_blocks_by_type(model: object) -> None:
+    from pyro_iresnet import name_blocks
+
+    with pytest.raises(TypeError, match="model must be an nn.Module, a Transform"):
+        name_blocks(model)

@@ -722,3 +722,75 @@ def test_a_copy_of_a_block_in_training_mode_applies_the_same_map() -> None:
     loaded = torch.load(buffer, weights_only=False)
     for clone in (copy.deepcopy(block), loaded):
         assert torch.equal(clone(x.clone()), block(x.clone()))
+
+
+@pytest.mark.parametrize(
+    "batch, error, match",
+    [
+        (torch.randn(8, 1, 4, 4, dtype=torch.float64), TypeError, "x has dtype torch.float64 but the model's"),
+        (torch.randn(8, 1, 4, 6), ValueError, r"x must have shape \(..., 1, 4, 4\)"),
+        (torch.randn(8, 1, 8, 8), ValueError, r"x must have shape \(..., 1, 4, 4\)"),
+    ],
+    ids=["dtype", "width", "size"],
+)
+@pytest.mark.parametrize("frontend", ["pyro", "normflows"])
+def test_a_batch_a_block_would_refuse_does_not_initialise_actnorm_first(
+    batch: torch.Tensor, error: type, match: str, frontend: str
+) -> None:
+    """The scale checks the batch before its first ActNorm takes its statistics from it."""
+    from pyro_iresnet.normflows import multiscale_normalizing_flow
+
+    torch.manual_seed(0)
+    options = dict(n_scales=1, n_blocks=1, hidden_channels=4, logdet="exact")
+    if frontend == "pyro":
+        model = multiscale_iresnet((1, 4, 4), **options)
+        call = model.encoder
+    else:
+        model = multiscale_normalizing_flow((1, 4, 4), **options)
+        call = model.log_prob
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        call(batch)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("eps", [float("nan"), -10.0, float("inf"), 0.0])
+def test_actnorm_refuses_an_eps_that_is_not_finite_and_positive(eps: float) -> None:
+    with pytest.raises(ValueError, match=f"eps must be a finite float > 0, got {eps}"):
+        ActNorm(2, eps=eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64, torch.bool])
+def test_image_maps_refuse_non_floating_input(dtype: torch.dtype) -> None:
+    """An integer or complex batch would initialise ActNorm from a cast or from its real part."""
+    t = ActNorm(2)
+    x = torch.ones(4, 2, 2, 2, dtype=dtype)
+    for call in (t, t.inv, Squeeze(), LogitTransform(17)):
+        with pytest.raises(TypeError, match=f"must have a floating dtype, got {dtype}"):
+            call(x)
+    assert not bool(t.initialized)
+
+
+def test_logit_transform_refuses_data_outside_its_domain() -> None:
+    """0..255 pixels given to a 17-level model: named where they enter, not as NaN further on."""
+    t = LogitTransform(17)
+    with pytest.raises(ValueError, match=r"x must lie in \(-0.9444, 17.94\).*got values from 0 to 255"):
+        t(torch.linspace(0, 255, 16).reshape(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="x must lie in"):
+        t(torch.full((1, 1, 2, 2), float("nan")))
+    inside = torch.full((1, 1, 2, 2), 17.9)  # beyond the data range, inside the domain: a model sample
+    assert bool(torch.isfinite(t(inside)).all())
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: LogitTransform(17, alpha="0.1"), "alpha must be a float in \\(0, 0.5\\), got str"),
+        (lambda: conv_iresnet((1, 4, 4), kernel_sizes=3), "kernel_sizes must be a sequence of ints, got int"),
+        (lambda: dequantize([1.0]), "x must be a floating tensor, got list"),
+    ],
+    ids=["alpha", "kernel_sizes", "dequantize"],
+)
+def test_image_helpers_name_a_wrongly_typed_argument(call, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        call()

@@ -464,3 +464,47 @@ def test_half_precision_solver_matches_the_module_for_extreme_lipswish_betas(dty
             x = block.inverse(y)  # a ConvergenceWarning would fail the test
             residual = (x.double() + reference(x.double()) - y.double()).abs().amax(1)
             assert bool((residual <= 1e-2 + 1e-2 * y.double().abs().amax(1)).all())
+
+
+@pytest.mark.parametrize(
+    "y, context, error, match",
+    [
+        (torch.randn(3), None, ValueError, r"y must have shape \(N, \*event\), got \(3,\)"),
+        (torch.ones(4, 3, dtype=torch.long), None, TypeError, "y must have a floating dtype, got torch.int64"),
+        (torch.ones(4, 3, dtype=torch.bool), None, TypeError, "y must have a floating dtype, got torch.bool"),
+        (torch.randn(4, 3), torch.randn(2, 3), ValueError, r"context must be a tensor with one row per sample of y"),
+    ],
+    ids=["1-d", "int", "bool", "context-rows"],
+)
+def test_fixed_point_inverse_checks_its_inputs(y, context, error: type, match: str) -> None:
+    g = (lambda x: 0.5 * torch.tanh(x)) if context is None else (lambda x, c: 0.5 * torch.tanh(x + c))
+    with pytest.raises(error, match=match):
+        fixed_point_inverse(g, y, context=context)
+
+
+@pytest.mark.parametrize(
+    "y, error, match",
+    [
+        (torch.randn(4, 3), ValueError, r"y must have shape \(N, 2\) for this net, got \(4, 3\)"),
+        (torch.randn(2, 4, 2), ValueError, r"y must have shape \(N, 2\) for this net, got \(2, 4, 2\)"),
+        (torch.randn(4, 2, dtype=torch.float64), TypeError, "y has dtype torch.float64 but the net's weights"),
+    ],
+    ids=["size", "3-d", "dtype"],
+)
+def test_newton_solvers_check_their_inputs(y, error: type, match: str) -> None:
+    from pyro_iresnet.fused import fused_mlp
+    from pyro_iresnet.fused_inverse import newton_inverse, newton_inverse_and_logdet, solver_net
+
+    mlp = fused_mlp(LipschitzMLP([2, 8, 2]).eval())
+    with pytest.raises(error, match=match):
+        newton_inverse(mlp, y)
+    with pytest.raises(error, match=match), torch.no_grad():
+        newton_inverse_and_logdet(solver_net(mlp), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, "float32", torch.complex64])
+def test_default_tolerances_refuse_what_is_not_a_real_floating_dtype(dtype) -> None:
+    from pyro_iresnet.inverse import default_tolerances
+
+    with pytest.raises(TypeError, match="dtype must be a real floating torch.dtype"):
+        default_tolerances(dtype)

@@ -255,3 +255,34 @@ def test_roulette_weights_validates_its_arguments(args: tuple, error: type, matc
     as p = 1, n_draws = 0 failed in max()."""
     with pytest.raises(error, match=match):
         roulette_weights(*args)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(fused=False), dict(fused=False, logdet="series", memory_efficient=True),
+     dict(logdet="series", exact_trace=True)],
+    ids=["generic-unbiased", "generic-memory-efficient", "exact-trace"],
+)
+@pytest.mark.parametrize("method", ["forward_and_logdet", "inverse_and_logdet"])
+def test_generic_estimators_run_under_inference_mode(options: dict, method: str) -> None:
+    """Their VJPs need autograd, which refuses inference tensors: the same draws give the same
+    values under ``inference_mode`` as under ``no_grad``."""
+    torch.manual_seed(0)
+    block = ResidualBlock(make_active_mlp([3, 8, 3], 0.9), **options)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = getattr(block, method)(x)
+    torch.manual_seed(1)
+    with torch.inference_mode():
+        got = getattr(block, method)(x)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_hutchinson_needs_at_least_one_probe() -> None:
+    from pyro_iresnet.logdet import draw_probes, hutchinson_logdet
+
+    with pytest.raises(ValueError, match="n_probes must be >= 1, got 0"):
+        draw_probes(torch.zeros(2, 3), 0, "gaussian")
+    with pytest.raises(ValueError, match="probes must hold at least one probe tensor"):
+        hutchinson_logdet(torch.tanh, torch.zeros(2, 3), [1.0], [], neumann_grad=False, create_graph=False)

@@ -946,3 +946,49 @@ def test_a_checkpoint_loaded_into_the_trained_model_keeps_its_buffers_in_eval() 
     with torch.no_grad():
         assert torch.equal(model.eval().log_prob(x), fresh.eval().log_prob(x))
     assert all(torch.equal(value, checkpoint[key]) for key, value in model.state_dict().items())
+
+
+def test_a_wrong_channel_count_on_the_first_call_leaves_normflows_convs_uninitialised() -> None:
+    """normflows' convs learn the input size on their first forward: a refused first call must not
+    leave them half-initialised (their buffers sized for the wrong input)."""
+
+    def make() -> Residual:
+        torch.manual_seed(0)
+        net = nf.nets.LipschitzCNN([2, 8, 8, 2], [3, 1, 3], init_zeros=False, lipschitz_const=0.9)
+        return Residual(net, logdet="series", n_terms=3)
+
+    layer, fresh = make(), make()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"z must have shape \(batch, 2, H, W\) for the net's first layer"):
+        layer.inverse(torch.randn(4, 3, 4, 4))
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    x = torch.randn(4, 2, 4, 4)
+    torch.manual_seed(1)
+    z, log_det = layer.inverse(x)
+    torch.manual_seed(1)
+    z_fresh, log_det_fresh = fresh.inverse(x)
+    assert torch.equal(z, z_fresh) and torch.equal(log_det, log_det_fresh)
+
+
+@pytest.mark.parametrize(
+    "z, error, match",
+    [
+        (torch.randn(5, 4), ValueError, r"z must have shape \(batch, 3\) for the net's first layer"),
+        (torch.full((5, 3), float("nan")), ValueError, "z must be finite"),
+        (torch.randn(5, 3, dtype=torch.float64), TypeError, "z has dtype torch.float64"),
+    ],
+    ids=["size", "nan", "dtype"],
+)
+def test_a_refused_call_over_normflows_mlp_leaves_its_buffers_untouched(z: torch.Tensor, error: type, match: str):
+    """After an optimiser step the next call refreshes the power iteration: not before its input
+    is checked."""
+    torch.manual_seed(0)
+    layer = Residual(nf.nets.LipschitzMLP([3, 16, 3], init_zeros=False, lipschitz_const=0.9))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    out, log_det = layer.inverse(torch.randn(5, 3))
+    (out.sum() + log_det.sum()).backward()
+    optimizer.step()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=match):
+        layer.inverse(z)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
