@@ -39,7 +39,7 @@ from torch.distributions import Transform, constraints
 from .block import ResidualBlock, _disable_dynamo
 from .context import ConcatContextNet
 from .errors import check_positive_int
-from .lipschitz import LipschitzMLP, _tensor_state
+from .lipschitz import LipschitzMLP, _tensor_state, _version
 
 _NET_OPTIONS = ("coeff", "activation", "n_power_iterations")
 
@@ -48,9 +48,10 @@ class _FreshCache:
     """torch's one-pair transform cache (``cache_size=1``), dropped when the state it was made in
     changes: the mode (``train()``/``eval()``, gradients recorded or not) or a tensor it depends
     on (a parameter updated in place, an optimiser step, also one writing through ``.data``,
-    ``.to()``, or ``requires_grad_`` switched). So the same input tensor passed again after a
-    training step, first under ``no_grad`` and then with gradients, or after unfreezing the flow,
-    is computed afresh instead of served stale. The cache is not pickled (``torch.save``,
+    ``.to()``, or ``requires_grad_`` switched), or the cached input or output itself modified in
+    place (torch's cache matches tensors by identity alone). So the same input tensor passed again
+    after a training step, first under ``no_grad`` and then with gradients, after unfreezing the
+    flow, or after ``x.add_(1)``, is computed afresh instead of served stale. The cache is not pickled (``torch.save``,
     ``copy.deepcopy``): a copy starts with none. Its bookkeeping runs eagerly under
     ``torch.compile`` (it reads version counters, on which compiled code would guard and recompile).
 
@@ -67,8 +68,9 @@ class _FreshCache:
 
     def _state(self) -> tuple:
         tensors = self._state_tensors()
+        pair = [_version(t) for t in getattr(self, "_cached_x_y", ()) if isinstance(t, Tensor)]
         return (self._training(), torch.is_grad_enabled(), *(_tensor_state(t) for t in tensors),
-                *(t.requires_grad for t in tensors))
+                *(t.requires_grad for t in tensors), *pair)
 
     @_disable_dynamo
     def _drop_stale_cache(self) -> None:

@@ -290,6 +290,23 @@ def test_cache_is_dropped_after_an_optimiser_step() -> None:
     )
 
 
+def test_cache_is_dropped_when_the_cached_input_or_output_is_modified_in_place() -> None:
+    """torch's cache matches tensors by identity: after ``x.add_(1)`` (or ``y.add_(1)``) the pair
+    it holds no longer belongs to that tensor."""
+    t = activate(iresnet(2, logdet="exact").to(DTYPE))
+    x = torch.randn(4, 2, dtype=DTYPE)
+    y = t(x)
+    with torch.no_grad():
+        x.add_(1.0)
+    y_new = t(x)
+    assert y_new is not y
+    torch.testing.assert_close(y_new, t.block(x))
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y_new), t.block.logdet(x))
+    with torch.no_grad():
+        y_new.add_(1.0)
+    torch.testing.assert_close(t.block(t.inv(y_new)), y_new)
+
+
 def test_cache_is_dropped_when_the_mode_changes() -> None:
     """A pair cached in training mode (a random log-det draw) is not served in ``eval()``
     (exact log-det), and one computed under ``no_grad`` is not served when gradients are on."""
