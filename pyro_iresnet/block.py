@@ -779,7 +779,10 @@ def _check_residual_shape(net: nn.Module) -> None:
     mlp, context_dim = (net.net, net.context_dim) if type(net) is ConcatContextNet else (net, 0)
     if type(mlp) is not LipschitzMLP:
         return
-    d_in, d_out = mlp.layers[0].in_features - context_dim, mlp.layers[-1].out_features
+    first, last = mlp.layers[0], mlp.layers[-1]
+    if not (hasattr(first, "in_features") and hasattr(last, "out_features")):  # layers edited by hand
+        return
+    d_in, d_out = first.in_features - context_dim, last.out_features
     if d_in != d_out:
         what = f"input size {d_in}" + (f" ({d_in + context_dim} less context_dim {context_dim})" if context_dim else "")
         raise ValueError(f"a residual block needs g(x) shaped like x, but the LipschitzMLP maps {what} to {d_out}")

@@ -609,6 +609,7 @@ def _series_pairs(spec: _Spec, cache: _Cache, saved: list[list[Tensor]]) -> tupl
 class _FusedLogdet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: _Spec, x: Tensor, context: Tensor | None, *tensors: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)  # an output the loss does not use costs its backward nothing
         spec = _Spec(spec.mlp.detached(), spec.method, spec.coeffs, spec.probes, spec.neumann_grad)
         gx, cache = _forward(spec.mlp, x.detach(), True, None if context is None else context.detach())
         if spec.method == "exact":

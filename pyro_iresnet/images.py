@@ -433,7 +433,7 @@ class FactorOut(_FreshCache, TransformModule):
 
     def __init__(self, inner: TransformModule, keep_channels: int, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
-        if not isinstance(inner, nn.Module):
+        if not isinstance(inner, TransformModule):
             raise TypeError(f"inner must be a TransformModule, got {type(inner).__name__}")
         self.inner = inner
         self.keep_channels = check_positive_int("keep_channels", keep_channels)
@@ -530,7 +530,7 @@ def conv_iresnet(
     else:
         raise TypeError(f"hidden_channels must be an int or a sequence of ints, got {type(hidden_channels).__name__}")
     if "event_dim" in options:
-        raise ValueError(f"conv_iresnet sets event_dim=3; got event_dim={options['event_dim']}")
+        raise ValueError(f"conv_iresnet sets event_dim=3 itself: do not pass event_dim (got {options['event_dim']})")
     net_options, block_options = _split_options(dict(options))
     channels = [input_shape[0], *hidden, input_shape[0]]
     net = LipschitzCNN(channels, kernel_sizes, input_shape, **net_options)
@@ -596,9 +596,7 @@ def _scale(
     block_kwargs: dict[str, Any],
 ) -> _Scale:
     """Squeeze, blocks, the next scale (factored out or not), unsqueeze: shape-preserving."""
-    c, h, w = shape
-    if h % 2 or w % 2:
-        raise ValueError(f"multiscale_iresnet squeezes (C, H, W) = {shape}: H and W must be even")
+    c, h, w = shape  # H and W are even: multiscale_iresnet checked them for every scale
     inner = (4 * c, h // 2, w // 2)
     parts: list[TransformModule] = [Squeeze()]
     for _ in range(n_blocks):

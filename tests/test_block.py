@@ -582,3 +582,16 @@ def test_name_blocks_refuses_what_holds_no_blocks_by_type(model: object) -> None
 
     with pytest.raises(TypeError, match="model must be an nn.Module, a Transform"):
         name_blocks(model)
+
+
+def test_a_lipschitz_mlp_with_layers_edited_by_hand_is_not_size_checked() -> None:
+    """Its sizes cannot be read from a last layer that is not linear: the block takes the net as it
+    is (on the generic path) instead of failing with an AttributeError."""
+    torch.manual_seed(0)
+    net = LipschitzMLP([2, 8, 2], coeff=0.9)
+    net.layers.append(nn.Identity())
+    block = ResidualBlock(net, logdet="exact")
+    x = torch.randn(4, 2)
+    y, logdet = block.forward_and_logdet(x)
+    jac = torch.func.vmap(torch.func.jacrev(lambda v: v + net(v)))(x)
+    torch.testing.assert_close(logdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-5, rtol=0)

@@ -309,6 +309,26 @@ def test_conv_iresnet_memory_efficient_gradients_agree(neumann_grad: bool) -> No
 def test_conv_iresnet_rejects_bad_hidden_channels() -> None:
     with pytest.raises(ValueError, match=r"hidden_channels must have len\(kernel_sizes\) - 1 = 2"):
         conv_iresnet((2, 4, 4), hidden_channels=[8, 8, 8])
+    with pytest.raises(ValueError, match="conv_iresnet sets event_dim=3 itself: do not pass event_dim"):
+        conv_iresnet((2, 4, 4), event_dim=3)
+
+
+def test_conv_iresnet_with_one_width_per_hidden_layer() -> None:
+    torch.manual_seed(0)
+    t = conv_iresnet((2, 4, 4), hidden_channels=[6, 5], logdet="exact", coeff=0.9).to(DTYPE)
+    shapes = [tuple(m.weight.shape) for m in t.modules() if isinstance(m, SpectralNormConv2d)]
+    assert shapes == [(6, 2, 3, 3), (5, 6, 1, 1), (2, 5, 3, 3)]
+    x = torch.randn(3, 2, 4, 4, dtype=DTYPE)
+    y = t(x)
+    assert torch.allclose(t.log_abs_det_jacobian(x, y), per_sample_slogdet(t.block.forward, x), atol=1e-10)
+    assert (t.inv(y) - x).abs().max() <= 1e-10
+
+
+def test_factor_out_needs_a_transform_module_inside() -> None:
+    """An ``nn.Module`` that is no transform would fail later, without a log-det."""
+    for inner in (torch.nn.Linear(4, 4), lambda x: x):
+        with pytest.raises(TypeError, match="inner must be a TransformModule"):
+            FactorOut(inner, 2)
 
 
 # -- multi-scale model -------------------------------------------------------------------------
