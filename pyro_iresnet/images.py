@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule, TransformModule
 from torch import Tensor, nn
-from torch.distributions import constraints
+from torch.distributions import Transform, constraints
 
 from .conv import LipschitzCNN, _check_shape
 from .errors import (
@@ -433,7 +433,7 @@ class FactorOut(_FreshCache, TransformModule):
 
     def __init__(self, inner: TransformModule, keep_channels: int, cache_size: int = 1) -> None:
         super().__init__(cache_size=cache_size)
-        if not isinstance(inner, TransformModule):
+        if not (isinstance(inner, nn.Module) and isinstance(inner, Transform)):  # ComposeTransformModule too
             raise TypeError(f"inner must be a TransformModule, got {type(inner).__name__}")
         self.inner = inner
         self.keep_channels = check_positive_int("keep_channels", keep_channels)
