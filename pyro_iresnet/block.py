@@ -70,9 +70,9 @@ EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 
 
 def _check_fused(fused: bool | str) -> bool | str:
-    if isinstance(fused, str) and fused != "auto":
-        raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
     if isinstance(fused, str):
+        if fused != "auto":
+            raise ValueError(f"fused must be True, False or 'auto', got {fused!r}")
         return fused
     try:  # numpy booleans too; not 0/1
         return check_bool("fused", fused)
@@ -80,11 +80,11 @@ def _check_fused(fused: bool | str) -> bool | str:
         raise TypeError(f"fused must be True, False or 'auto', got {fused!r}") from None
 
 
-#: The checks of the options a block keeps as attributes, under the constructor's argument names
-#: (``logdet_method`` is the argument ``logdet``); :meth:`ResidualBlock.__setattr__` runs them on
-#: every assignment, at construction and after.
+#: The checks of the options a block keeps as attributes (the argument ``logdet`` is kept as
+#: ``logdet_method``); :meth:`ResidualBlock.__setattr__` runs them on every assignment, at
+#: construction and after.
 _OPTION_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "logdet_method": functools.partial(check_choice, "logdet", choices=LOGDET_METHODS),
+    "logdet_method": functools.partial(check_choice, "logdet_method", choices=LOGDET_METHODS),
     "n_terms": functools.partial(check_positive_int, "n_terms"),
     "n_exact_terms": functools.partial(check_positive_int, "n_exact_terms", minimum=0),
     "roulette": functools.partial(check_choice, "roulette", choices=("geometric", "poisson")),
@@ -317,17 +317,16 @@ class ResidualBlock(nn.Module):
         self.context_dim: int | None = getattr(net, "context_dim", None)
         # every option goes through __setattr__, which checks it as it would a later reassignment
         options = dict(
-            logdet_method=logdet, n_terms=n_terms, n_exact_terms=n_exact_terms, roulette=roulette, p=p, lam=lam,
-            n_roulette_draws=n_roulette_draws, n_probes=n_probes, probe=probe, neumann_grad=neumann_grad,
+            event_dim=event_dim, logdet_method=check_choice("logdet", logdet, LOGDET_METHODS), n_terms=n_terms,
+            n_exact_terms=n_exact_terms, roulette=roulette, p=p, lam=lam, n_roulette_draws=n_roulette_draws,
+            n_probes=n_probes, probe=probe, exact_trace=exact_trace, neumann_grad=neumann_grad,
             memory_efficient=memory_efficient, eval_logdet=eval_logdet, exact_max_dim=exact_max_dim, atol=atol,
-            rtol=rtol, max_iter=max_iter, strict=strict, check_finite=check_finite,
+            rtol=rtol, max_iter=max_iter, inverse_method=inverse_method, strict=strict, check_finite=check_finite,
+            fused=fused,
         )
         for name, value in options.items():
             setattr(self, name, value)
-        structure = dict(event_dim=event_dim, fused=fused, exact_trace=exact_trace, inverse_method=inverse_method)
-        structure = {name: _OPTION_CHECKS[name](value) for name, value in structure.items()}
-        self._check_structure(**structure)
-        self.__dict__.update(structure)
+        self._check_structure(**{name: getattr(self, name) for name in _STRUCTURE_OPTIONS})
         self.event_shape: tuple[int, ...] | None = getattr(net, "event_shape", None)
         self._net_takes_context = self.context_dim is not None or _accepts_second_argument(net)
         self.last_diagnostics = Diagnostics()
@@ -339,7 +338,7 @@ class ResidualBlock(nn.Module):
         check = _OPTION_CHECKS.get(name)
         if check is not None:
             value = check(value)
-            if name in _STRUCTURE_OPTIONS and name in self.__dict__:
+            if name in _STRUCTURE_OPTIONS and name in self.__dict__:  # after construction
                 self._check_structure(**{key: self.__dict__[key] for key in _STRUCTURE_OPTIONS} | {name: value})
         super().__setattr__(name, value)
 
@@ -578,6 +577,10 @@ class ResidualBlock(nn.Module):
         if fast is not None:  # memory_efficient changes nothing here: the fused backward is flat
             with torch.set_grad_enabled(needs_grad):
                 return fused_logdet(fast, x, "series", weights, probes, self.neumann_grad, context)
+
+        if context is not None and torch.is_inference_mode_enabled():  # the VJPs refuse inference tensors
+            with torch.inference_mode(False):
+                context = context.clone()
 
         def g(z: Tensor) -> Tensor:
             return self.g(z, context)
@@ -832,7 +835,8 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
     """
     found: list[tuple[str, ResidualBlock]] = []
 
-    def visit(obj: object, path: str) -> None:
+    def visit(obj: object, path: str) -> bool:
+        """Collect the blocks of ``obj``; whether it is something that can hold blocks."""
         if isinstance(obj, nn.Module):
             found.extend(
                 (".".join(filter(None, (path, sub))), m)
@@ -846,17 +850,19 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
             found.append((path, obj.block))
         elif hasattr(obj, "parts"):  # ComposeTransform
             visit(list(obj.parts), path)
-        elif hasattr(obj, "transforms"):  # TransformedDistribution
+        elif hasattr(obj, "transforms"):  # (Conditional)TransformedDistribution
             visit(list(obj.transforms), ".".join(filter(None, (path, "transforms"))))
         elif hasattr(obj, "_inv") and obj._inv is not None:  # a transform's .inv
             visit(obj._inv, path)
+        else:
+            return isinstance(obj, (torch.distributions.Transform, torch.distributions.Distribution))
+        return True
 
-    if not isinstance(model, (nn.Module, list, tuple, torch.distributions.Transform, torch.distributions.Distribution)):
+    if not visit(model, prefix):
         raise TypeError(
-            "model must be an nn.Module, a Transform, a TransformedDistribution or a list/tuple of them, "
-            f"got {type(model).__name__}"
+            "model must be an nn.Module, a transform, a (conditional) transformed distribution or a list/tuple "
+            f"of them, got {type(model).__name__}"
         )
-    visit(model, prefix)
     unique = list({id(block): (path, block) for path, block in found}.values())
     for k, (path, block) in enumerate(unique):
         block.name = f"{k} of {len(unique)} ({path})"

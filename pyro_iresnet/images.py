@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from numbers import Integral
 from typing import Any
 
@@ -54,6 +54,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule, Transform
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
+from .block import _LOW_PRECISION
 from .conv import LipschitzCNN, _check_shape
 from .errors import (
     _check_real,
@@ -263,7 +264,9 @@ class ActNorm(_FreshCache, TransformModule):
 
 class LogitTransform(_FreshCache, TransformModule):
     r"""Logit preprocessing of dequantised data $v \in (0, K)^{C\times H\times W}$ (the map is defined
-    on the slightly larger interval where $p \in (0, 1)$, which also holds the model's samples):
+    on the slightly larger interval where $p \in (0, 1)$, which also holds the model's samples; a
+    sample on its edge, where float rounding saturates the inverse's sigmoid, is mapped as if it lay
+    the dtype's eps inside):
 
     $$ y = \operatorname{logit}(p), \quad p = \alpha + (1 - 2\alpha)\, v / K, \qquad
        \log\Big|\det\frac{\partial y}{\partial v}\Big| = \sum_i \big[\log(1 - 2\alpha) - \log K
@@ -305,19 +308,22 @@ class LogitTransform(_FreshCache, TransformModule):
         )
 
     def _p(self, v: Tensor) -> Tensor:
-        return self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels
+        """$p$, kept the dtype's eps away from 0 and 1: a model sample at the domain's edge (where the
+        inverse's sigmoid rounds to 1) maps back to a finite value."""
+        eps = torch.finfo(v.dtype).eps
+        return (self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels).clamp(eps, 1.0 - eps)
 
     def _call(self, x: Tensor) -> Tensor:
         _check_image("x", x)
-        p = self._p(x)
-        if x.device.type == "cpu" and not bool(((p > 0) & (p < 1)).all()):  # NaN included; no sync elsewhere
-            low, high = self.domain.base_constraint.lower_bound, self.domain.base_constraint.upper_bound
+        low, high = self.domain.base_constraint.lower_bound, self.domain.base_constraint.upper_bound
+        slack = 8 * torch.finfo(x.dtype).eps * (high - low)  # a sample on the edge, up to rounding
+        if x.device.type == "cpu" and not bool(((x >= low - slack) & (x <= high + slack)).all()):  # NaN too
             raise ValueError(
-                f"x must lie in ({low:.4g}, {high:.4g}), the domain of the logit preprocessing for "
+                f"x must lie in [{low:.4g}, {high:.4g}], the domain of the logit preprocessing for "
                 f"levels={self.levels}, alpha={self.alpha} (data in [0, {self.levels}) after dequantize), got "
                 f"values from {float(x.min()):.4g} to {float(x.max()):.4g}"
             )
-        return torch.logit(p)
+        return torch.logit(self._p(x))
 
     def _inverse(self, y: Tensor) -> Tensor:
         _check_image("y", y)
@@ -515,7 +521,7 @@ def conv_iresnet(
         torch.Size([3, 2, 4, 4])
     """
     input_shape = _check_shape("input_shape", input_shape)
-    if not isinstance(kernel_sizes, Sequence) or isinstance(kernel_sizes, str):
+    if not isinstance(kernel_sizes, Iterable) or isinstance(kernel_sizes, str):  # numpy arrays too
         raise TypeError(f"kernel_sizes must be a sequence of ints, got {type(kernel_sizes).__name__}")
     kernel_sizes = list(kernel_sizes)
     n_hidden = len(kernel_sizes) - 1
@@ -636,7 +642,7 @@ class _Scale(_Compose):
         if tuple(x.shape[-3:]) != self.shape:
             raise ValueError(f"x must have shape (..., {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         dtype = next(self.parameters()).dtype
-        cast_by_autocast = x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type)
+        cast_by_autocast = x.dtype in _LOW_PRECISION and torch.is_autocast_enabled(x.device.type)  # as blocks do
         if x.dtype != dtype and not cast_by_autocast:
             raise TypeError(
                 f"x has dtype {x.dtype} but the model's parameters are {dtype}; convert one of them "

@@ -113,9 +113,10 @@ def _check_targets(y: Tensor, context: Tensor | None = None) -> None:
         raise TypeError(f"y must have a floating dtype, got {y.dtype}")
     if y.dim() < 2:
         raise ValueError(f"y must have shape (N, *event), got {tuple(y.shape)}")
-    if context is not None and (not isinstance(context, Tensor) or context.dim() < 1 or len(context) != len(y)):
-        shape = tuple(context.shape) if isinstance(context, Tensor) else type(context).__name__
-        raise ValueError(f"context must be a tensor with one row per sample of y ({len(y)}), got {shape}")
+    if context is not None and not isinstance(context, Tensor):
+        raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+    if context is not None and (context.dim() < 1 or len(context) != len(y)):
+        raise ValueError(f"context must have one row per sample of y ({len(y)}), got shape {tuple(context.shape)}")
 
 
 def _tolerances(dtype: torch.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:

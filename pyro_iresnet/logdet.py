@@ -331,7 +331,7 @@ def hutchinson_logdet(
 
     Args:
         g: Maps ``(N, *event)`` to ``(N, *event)``, sample-wise.
-        x: Inputs ``(N, *event)``; if it does not require grad, a detached leaf is used.
+        x: Inputs ``(N, *event)``; a detached leaf is used unless it requires grad with gradients enabled.
         weights: $w_1..w_n$ from :func:`series_weights` or :func:`roulette_weights`.
         probes: Probe tensors shaped like ``x``.
         neumann_grad: Differentiate through the Neumann series with one VJP (memory flat in $n$)
@@ -368,9 +368,9 @@ def hutchinson_logdet(
     if torch.is_inference_mode_enabled():  # autograd's VJPs refuse inference tensors: copies outside that mode
         with torch.inference_mode(False):
             return hutchinson_logdet(g, x.clone(), weights, [v.clone() for v in probes], neumann_grad, False)
+    if not (x.requires_grad and torch.is_grad_enabled()):  # e.g. an input that requires grad, under no_grad
+        x = x.detach().requires_grad_()
     with torch.enable_grad():
-        if not x.requires_grad:
-            x = x.detach().requires_grad_()
         gx = g(x)
         coeffs = [(-1) ** (k + 1) * w / k for k, w in enumerate(weights, start=1)]
         total = x.new_zeros(x.shape[0])

@@ -45,9 +45,6 @@ _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
 # The weight state (see ``_tensor_state``) each induced-norm layer's power iteration was last
 # refreshed for, kept per layer so that layers shared by several ``Residual``s are refreshed once.
 _REFRESHED_FOR: WeakKeyDictionary[nn.Module, tuple[int, int, int]] = WeakKeyDictionary()
-# The optimiser steps of its weight that each layer's buffers account for (at its last refresh, or
-# when loaded from a checkpoint): ``eval()`` refreshes only after steps beyond these.
-_STEPS_SEEN: WeakKeyDictionary[nn.Module, int] = WeakKeyDictionary()
 # normflows.flows.Residual's state_dict entries that have no counterpart here (estimator settings,
 # always constructor arguments, and the roulette's running statistics).
 _NORMFLOWS_ONLY_KEYS = ("geom_p", "lamb", "last_n_samples", "last_firmom", "last_secmom")
@@ -67,8 +64,8 @@ def _event_dim(net: nn.Module) -> int:
 
 
 def _check_first_layer_input(layer: InducedNormLinear | InducedNormConv2d, z: Tensor) -> None:
-    """A clear error for an input the first of normflows' layers cannot take (their own error
-    names a matmul or a convolution)."""
+    """A clear error for an input the first layer of normflows' ``LipschitzMLP`` / ``LipschitzCNN``
+    cannot take (their own error names a matmul or a convolution)."""
     if isinstance(layer, InducedNormLinear):
         dim, wanted, expected = -1, layer.in_features, f"(batch, {layer.in_features})"
     else:
@@ -179,6 +176,19 @@ def _power_iteration(layer: InducedNormLinear | InducedNormConv2d) -> None:
         torch.mv(weight_t, u, out=v)
         v.div_(torch.linalg.vector_norm(v).clamp_min_(1e-12))
     torch.dot(u, torch.mv(weight, v), out=layer.scale)
+
+
+def _scale_is_current(layer: InducedNormLinear | InducedNormConv2d) -> bool:
+    r"""Whether the layer's ``scale`` buffer equals $\tilde\sigma = u^\top W v$ for its current
+    weight, as a refresh (:func:`_power_iteration`) or normflows' ``update_lipschitz`` leaves it;
+    an optimiser step since then changes $W$ and so this product. The product is computed by
+    normflows' ``compute_weight(update=False)``, bit for bit the refresh's; the buffer it writes
+    is restored."""
+    scale = layer.scale.clone()
+    layer.compute_weight(update=False)
+    current = torch.equal(layer.scale, scale)
+    layer.scale.copy_(scale)
+    return current
 
 
 def _input_sizes(layers: list[nn.Module]) -> list[tuple[int, int]]:
@@ -387,7 +397,6 @@ class Residual(Flow):
         self.block = _NormflowsBlock(net, **block_options)
         self._convs_initialized = not any(isinstance(m, InducedNormConv2d) for m in self.block.induced_norm_layers)
         self._register_load_state_dict_pre_hook(_load_normflows_checkpoint, with_module=True)
-        self.register_load_state_dict_post_hook(_loaded_buffers_serve_eval)
 
     @property
     def geom_p(self) -> float:
@@ -460,7 +469,8 @@ class Residual(Flow):
             )
         if self.block.induced_norm_layers:  # checked before the lazy initialisation and the refresh touch them
             self.block._check_tensor(z, "z")
-            _check_first_layer_input(self.block.induced_norm_layers[0], z)
+            if type(self.block.net) in (LipschitzMLP, LipschitzCNN):  # whose first such layer reads z
+                _check_first_layer_input(self.block.induced_norm_layers[0], z)
         if not self._convs_initialized:  # their convs learn the input size on the first forward
             with torch.no_grad():
                 for layer in self.block.induced_norm_layers:  # which resize_s u and v: give them storage
@@ -476,32 +486,24 @@ class Residual(Flow):
 
     @torch.no_grad()
     def _refresh_induced_norms(self) -> None:
-        """``compute_weight(update=True)`` on each induced-norm layer whose weight changed since its
+        r"""``compute_weight(update=True)`` on each induced-norm layer whose weight changed since its
         last refresh, by this layer or by another one sharing the net (:func:`_power_iteration`).
 
-        In ``eval()`` only after optimiser steps the refreshes have not seen (the last step of a
-        training run: what normflows' ``update_lipschitz`` after it would do), so that the buffers of
-        a loaded checkpoint are used as they are."""
+        In ``eval()`` only where the buffers are stale for the current weight (the last optimiser
+        step of a training run: what normflows' ``update_lipschitz`` after it would do), told by
+        :func:`_scale_is_current`. So the model that trained and a checkpoint of it, saved before or
+        after its first ``eval()`` call, apply the same weights, and fresh buffers are used as
+        they are."""
         for layer in self.block.induced_norm_layers:
             version = _tensor_state(layer.weight)
             if _REFRESHED_FOR.get(layer) == version:
                 continue
-            if not self.training and version[2] == _STEPS_SEEN.get(layer, 0):
-                continue
-            _power_iteration(layer)
+            if self.training or not _scale_is_current(layer):
+                _power_iteration(layer)
             _REFRESHED_FOR[layer] = version
-            _STEPS_SEEN[layer] = version[2]
 
     def extra_repr(self) -> str:
         return f"reverse={self.reverse}"
-
-
-def _loaded_buffers_serve_eval(module: Residual, incompatible_keys: Any) -> None:
-    """``load_state_dict`` post-hook of :class:`Residual`: the loaded ``u``, ``v`` account for the
-    weight's optimiser steps so far, so ``eval()`` uses them as they are (training refreshes them
-    after the load, as after any change of the weights)."""
-    for layer in module.block.induced_norm_layers:
-        _STEPS_SEEN[layer] = _tensor_state(layer.weight)[2]
 
 
 def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -180,7 +180,7 @@ def test_bad_options_raise_clear_errors(kwargs: dict, match: str) -> None:
         ("n_terms", 0, ValueError, "n_terms must be >= 1, got 0"),
         ("atol", float("nan"), ValueError, "atol must be >= 0, got nan"),
         ("strict", "False", TypeError, "strict must be True or False"),
-        ("logdet_method", "hutchinson", ValueError, "logdet must be one of"),
+        ("logdet_method", "hutchinson", ValueError, "logdet_method must be one of"),
         ("fused", 1, TypeError, "fused must be True, False or 'auto'"),
         ("exact_trace", True, ValueError, "fused=True does not cover exact_trace=True"),
         ("inverse_method", "newton", ValueError, "inverse_method='newton' needs the fused path"),
@@ -580,7 +580,7 @@ def test_memory_efficient_first_derivative_under_create_graph_for_a_nonlinear_lo
 def test_name_blocks_refuses_what_holds_no_blocks_by_type(model: object) -> None:
     from pyro_iresnet import name_blocks
 
-    with pytest.raises(TypeError, match="model must be an nn.Module, a Transform"):
+    with pytest.raises(TypeError, match="model must be an nn.Module, a transform"):
         name_blocks(model)
 
 
@@ -595,3 +595,13 @@ def test_a_lipschitz_mlp_with_layers_edited_by_hand_is_not_size_checked() -> Non
     y, logdet = block.forward_and_logdet(x)
     jac = torch.func.vmap(torch.func.jacrev(lambda v: v + net(v)))(x)
     torch.testing.assert_close(logdet, torch.linalg.slogdet(jac).logabsdet, atol=1e-5, rtol=0)
+
+
+def test_name_blocks_walks_a_conditional_transformed_distribution() -> None:
+    import pyro.distributions as dist
+
+    from pyro_iresnet import conditional_iresnet, name_blocks
+
+    blocks = [conditional_iresnet(2, 3) for _ in range(2)]
+    flow = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), blocks)
+    assert name_blocks(flow, prefix="flow") == ["0 of 2 (flow.transforms.0.block)", "1 of 2 (flow.transforms.1.block)"]

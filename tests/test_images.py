@@ -794,7 +794,7 @@ def test_image_maps_refuse_non_floating_input(dtype: torch.dtype) -> None:
 def test_logit_transform_refuses_data_outside_its_domain() -> None:
     """0..255 pixels given to a 17-level model: named where they enter, not as NaN further on."""
     t = LogitTransform(17)
-    with pytest.raises(ValueError, match=r"x must lie in \(-0.9444, 17.94\).*got values from 0 to 255"):
+    with pytest.raises(ValueError, match=r"x must lie in \[-0.9444, 17.94\].*got values from 0 to 255"):
         t(torch.linspace(0, 255, 16).reshape(1, 1, 4, 4))
     with pytest.raises(ValueError, match="x must lie in"):
         t(torch.full((1, 1, 2, 2), float("nan")))
@@ -814,3 +814,21 @@ def test_logit_transform_refuses_data_outside_its_domain() -> None:
 def test_image_helpers_name_a_wrongly_typed_argument(call, match: str) -> None:
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_logit_transform_takes_back_its_own_saturated_samples() -> None:
+    """Far out in the latent space the inverse's sigmoid rounds to 1 (or 0) in float32: the sample
+    lies on the domain's edge, and the forward map still gives finite values and log-dets."""
+    t = LogitTransform(17)
+    y = torch.tensor([-30.0, -20.0, 17.0, 20.0, 30.0]).reshape(1, 1, 1, 5)
+    v = t.inv(y.clone())
+    v = v.clone()  # a new tensor: no cache hit
+    y_again = t(v)
+    assert bool(torch.isfinite(y_again).all()) and bool(torch.isfinite(t.log_abs_det_jacobian(v, y_again)).all())
+
+
+def test_conv_iresnet_takes_kernel_sizes_from_a_numpy_array() -> None:
+    import numpy as np
+
+    t = conv_iresnet((1, 4, 4), hidden_channels=4, kernel_sizes=np.array([3, 1, 3]))
+    assert t(torch.randn(2, 1, 4, 4)).shape == (2, 1, 4, 4)

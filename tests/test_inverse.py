@@ -472,7 +472,7 @@ def test_half_precision_solver_matches_the_module_for_extreme_lipswish_betas(dty
         (torch.randn(3), None, ValueError, r"y must have shape \(N, \*event\), got \(3,\)"),
         (torch.ones(4, 3, dtype=torch.long), None, TypeError, "y must have a floating dtype, got torch.int64"),
         (torch.ones(4, 3, dtype=torch.bool), None, TypeError, "y must have a floating dtype, got torch.bool"),
-        (torch.randn(4, 3), torch.randn(2, 3), ValueError, r"context must be a tensor with one row per sample of y"),
+        (torch.randn(4, 3), torch.randn(2, 3), ValueError, r"context must have one row per sample of y \(4\)"),
     ],
     ids=["1-d", "int", "bool", "context-rows"],
 )

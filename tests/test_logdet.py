@@ -286,3 +286,20 @@ def test_hutchinson_needs_at_least_one_probe() -> None:
         draw_probes(torch.zeros(2, 3), 0, "gaussian")
     with pytest.raises(ValueError, match="probes must hold at least one probe tensor"):
         hutchinson_logdet(torch.tanh, torch.zeros(2, 3), [1.0], [], neumann_grad=False, create_graph=False)
+
+
+@pytest.mark.parametrize("options", [dict(fused=False), dict(fused=False, logdet="series", memory_efficient=True)])
+def test_an_input_that_requires_grad_under_no_grad(options: dict) -> None:
+    """Under ``no_grad`` the generic estimators differentiate a detached copy: the flattened view
+    of an input that requires grad is not part of their graph (normflows' ``log_prob`` of a leaf
+    with ``requires_grad=True`` inside ``torch.no_grad()``)."""
+    torch.manual_seed(0)
+    block = ResidualBlock(make_active_mlp([3, 8, 3], 0.9), **options)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = block.forward_and_logdet(x)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        got = block.forward_and_logdet(x.clone().requires_grad_())
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
