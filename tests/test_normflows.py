@@ -892,12 +892,7 @@ def test_eval_after_the_last_optimiser_step_refreshes_normflows_power_iteration_
     for _ in range(2):
         flows += [Residual(nf.nets.LipschitzMLP([2, 32, 32, 2], lipschitz_const=0.9)), nf.flows.ActNorm(2)]
     model = nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
-    data = torch.randn(64, 2)
-    for _ in range(3):
-        optimizer.zero_grad()
-        model.forward_kld(data).backward()
-        optimizer.step()
+    _train_forward_kld(model, torch.randn(64, 2), steps=3, lr=3e-2)
     reference = copy.deepcopy(model)
     nf.utils.update_lipschitz(reference, 5)
     model.eval()
@@ -1010,12 +1005,8 @@ def test_a_checkpoint_and_the_model_that_saved_it_agree_in_eval(save_after_first
         return nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), flows)
 
     model = build()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x = torch.randn(64, 2)
-    for _ in range(5):
-        optimizer.zero_grad()
-        model.forward_kld(x).backward()
-        optimizer.step()
+    _train_forward_kld(model, x, steps=5, lr=1e-2)
     model.eval()
     if save_after_first_eval:
         with torch.no_grad():
@@ -1047,3 +1038,11 @@ def test_a_custom_net_whose_first_induced_norm_layer_is_not_first_is_not_size_ch
     layer = Residual(FlatNet(), brute_force=True, event_dim=3)
     z, log_det = layer.inverse(torch.randn(5, 1, 2, 2))
     assert z.shape == (5, 1, 2, 2) and log_det.shape == (5,)
+
+
+def _train_forward_kld(model: nn.Module, data: torch.Tensor, steps: int, lr: float) -> None:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model.forward_kld(data).backward()
+        optimizer.step()
