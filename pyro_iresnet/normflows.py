@@ -39,6 +39,7 @@ from .block import ResidualBlock, _eager_in_parameter_dtype
 from .conv import conv_operator_norm
 from .errors import check_choice, check_positive_finite, check_positive_int, check_roulette_p
 from .fused import FusedMLP, _normalization, fused_mlp, supports_fused
+from .lipschitz import LipschitzMLP as CoreLipschitzMLP
 from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
@@ -61,6 +62,12 @@ def _event_dim(net: nn.Module) -> int:
         if isinstance(kernel_size, tuple):
             return len(kernel_size) + 1
     return 1
+
+
+def _per_batch_element(logdet: Tensor, z: Tensor) -> Tensor:
+    """The block's log-dets (one per vector along ``z``'s last axis, see ``Residual._prepare``)
+    summed to one per batch element."""
+    return logdet.reshape(z.shape[0], -1).sum(1) if logdet.dim() > 1 else logdet
 
 
 def _check_first_layer_input(layer: InducedNormLinear | InducedNormConv2d, z: Tensor) -> None:
@@ -451,18 +458,24 @@ class Residual(Flow):
 
     def _explicit(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._prepare(x)
-        return self.block.forward_and_logdet(x)
+        y, logdet = self.block.forward_and_logdet(x)
+        return y, _per_batch_element(logdet, x)
 
     def _solve(self, y: Tensor) -> tuple[Tensor, Tensor]:
         self._prepare(y)
         x, logdet = self.block.inverse_and_logdet(y)
-        return x, -logdet
+        return x, -_per_batch_element(logdet, y)
 
     def _prepare(self, z: Tensor) -> None:
-        """Check the ``(batch, *event)`` layout and keep normflows' power iteration fresh."""
+        """Check the ``(batch, *event)`` layout and keep normflows' power iteration fresh.
+
+        An MLP (normflows' or the library's ``LipschitzMLP``) maps each vector along the last axis
+        on its own, so it also takes ``(batch, T, ..., D)`` as normflows' layer does: the event is
+        then ``(T, ..., D)``, and its log-det the sum of the rows' (the Jacobian is block diagonal)."""
         if not isinstance(z, Tensor):
             raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
-        if z.dim() != self.block.event_dim + 1:
+        rows = self.block.event_dim == 1 and type(self.block.net) in (LipschitzMLP, CoreLipschitzMLP)
+        if z.dim() != self.block.event_dim + 1 and not (rows and z.dim() > 2):
             raise ValueError(
                 f"z must have shape (batch, *event) with {self.block.event_dim} event dimension(s), "
                 f"got {tuple(z.shape)}"
