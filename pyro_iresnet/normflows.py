@@ -286,6 +286,29 @@ class _NormflowsBlock(ResidualBlock):
     def _read_fused(self) -> FusedMLP | None:
         return fused_mlp(self.net) or _fused_normflows_mlp(self.net)
 
+    def refresh_lipschitz(self) -> None:
+        r"""The core refresh, then ``compute_weight(update=True)`` on each of normflows' induced-norm
+        layers whose weight changed since its last refresh, by this block or by another one sharing
+        the net (:func:`_power_iteration`). It runs after the block has checked the call's input.
+
+        In ``eval()`` only where the buffers are stale for the current weight (the last optimiser
+        step of a training run: what normflows' ``update_lipschitz`` after it would do), told by
+        :func:`_scale_is_current`. So the model that trained and a checkpoint of it, saved before or
+        after its first ``eval()`` call, apply the same weights, and fresh buffers are used as
+        they are."""
+        super().refresh_lipschitz()
+        if not self.induced_norm_layers:  # e.g. the library's own LipschitzMLP
+            return
+        self.input_sizes = _input_sizes(self.induced_norm_layers)
+        with torch.no_grad():
+            for layer in self.induced_norm_layers:
+                version = _tensor_state(layer.weight)
+                if _REFRESHED_FOR.get(layer) == version:
+                    continue
+                if self.training or not _scale_is_current(layer):
+                    _power_iteration(layer)
+                _REFRESHED_FOR[layer] = version
+
     def g(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """$g(x)$ as :meth:`ResidualBlock.g`, with normflows' layers in their pure forward."""
         if not self.induced_norm_layers:  # e.g. the library's own LipschitzMLP
@@ -467,7 +490,8 @@ class Residual(Flow):
         return x, -_per_batch_element(logdet, y)
 
     def _prepare(self, z: Tensor) -> None:
-        """Check the ``(batch, *event)`` layout and keep normflows' power iteration fresh.
+        """Check the ``(batch, *event)`` layout (the block checks the rest, then refreshes normflows'
+        power iteration: :meth:`_NormflowsBlock.refresh_lipschitz`).
 
         An MLP (normflows' or the library's ``LipschitzMLP``) maps each vector along the last axis
         on its own, so it also takes ``(batch, T, ..., D)`` as normflows' layer does: the event is
@@ -480,11 +504,10 @@ class Residual(Flow):
                 f"z must have shape (batch, *event) with {self.block.event_dim} event dimension(s), "
                 f"got {tuple(z.shape)}"
             )
-        if self.block.induced_norm_layers:  # checked before the lazy initialisation and the refresh touch them
-            self.block._check_tensor(z, "z")
-            if type(self.block.net) in (LipschitzMLP, LipschitzCNN):  # whose first such layer reads z
-                _check_first_layer_input(self.block.induced_norm_layers[0], z)
+        if type(self.block.net) in (LipschitzMLP, LipschitzCNN):  # whose first induced-norm layer reads z
+            _check_first_layer_input(self.block.induced_norm_layers[0], z)
         if not self._convs_initialized:  # their convs learn the input size on the first forward
+            self.block._check_tensor(z, "z")  # so first the block's checks (it runs them on every call)
             with torch.no_grad():
                 for layer in self.block.induced_norm_layers:  # which resize_s u and v: give them storage
                     for buffer in (layer.u, layer.v):  # that can be (not mapped from a checkpoint file)
@@ -492,28 +515,6 @@ class Residual(Flow):
                             buffer.set_(buffer.clone())
                 self.block.net(z[:1])
             self._convs_initialized = True
-        if not self.block.induced_norm_layers:  # the library's own nets: nothing of normflows' to keep
-            return
-        self.block.input_sizes = _input_sizes(self.block.induced_norm_layers)
-        self._refresh_induced_norms()
-
-    @torch.no_grad()
-    def _refresh_induced_norms(self) -> None:
-        r"""``compute_weight(update=True)`` on each induced-norm layer whose weight changed since its
-        last refresh, by this layer or by another one sharing the net (:func:`_power_iteration`).
-
-        In ``eval()`` only where the buffers are stale for the current weight (the last optimiser
-        step of a training run: what normflows' ``update_lipschitz`` after it would do), told by
-        :func:`_scale_is_current`. So the model that trained and a checkpoint of it, saved before or
-        after its first ``eval()`` call, apply the same weights, and fresh buffers are used as
-        they are."""
-        for layer in self.block.induced_norm_layers:
-            version = _tensor_state(layer.weight)
-            if _REFRESHED_FOR.get(layer) == version:
-                continue
-            if self.training or not _scale_is_current(layer):
-                _power_iteration(layer)
-            _REFRESHED_FOR[layer] = version
 
     def extra_repr(self) -> str:
         return f"reverse={self.reverse}"

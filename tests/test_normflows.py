@@ -969,8 +969,8 @@ def test_a_wrong_channel_count_on_the_first_call_leaves_normflows_convs_uninitia
     "z, error, match",
     [
         (torch.randn(5, 4), ValueError, r"z must have shape \(batch, 3\) for the net's first layer"),
-        (torch.full((5, 3), float("nan")), ValueError, "z must be finite"),
-        (torch.randn(5, 3, dtype=torch.float64), TypeError, "z has dtype torch.float64"),
+        (torch.full((5, 3), float("nan")), ValueError, "must be finite"),
+        (torch.randn(5, 3, dtype=torch.float64), TypeError, "has dtype torch.float64"),
     ],
     ids=["size", "nan", "dtype"],
 )
