@@ -260,7 +260,8 @@ def _scratch(tag: object, shape: Sequence[int], like: Tensor) -> Tensor:
     buf = store.get(tag)
     if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
         buf = like.new_empty(shape)
-        if buf.numel() <= _SCRATCH_MAX_NUMEL:
+        # not kept if made under inference_mode: an inference tensor cannot be written outside it
+        if buf.numel() <= _SCRATCH_MAX_NUMEL and not buf.is_inference():
             store[tag] = buf
     return buf
 

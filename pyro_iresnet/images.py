@@ -308,10 +308,11 @@ class LogitTransform(_FreshCache, TransformModule):
         )
 
     def _p(self, v: Tensor) -> Tensor:
-        """$p$, kept the dtype's eps away from 0 and 1: a model sample at the domain's edge (where the
-        inverse's sigmoid rounds to 1) maps back to a finite value."""
-        eps = torch.finfo(v.dtype).eps
-        return (self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels).clamp(eps, 1.0 - eps)
+        """$p$, kept off 0 and 1 (by the dtype's smallest normal number and its eps): a model sample
+        at the domain's edge (where the inverse's sigmoid rounds to 0 or 1) maps back to a finite
+        value."""
+        info = torch.finfo(v.dtype)
+        return (self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels).clamp(info.tiny, 1.0 - info.eps)
 
     def _call(self, x: Tensor) -> Tensor:
         _check_image("x", x)

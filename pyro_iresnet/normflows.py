@@ -67,7 +67,7 @@ def _event_dim(net: nn.Module) -> int:
 def _per_batch_element(logdet: Tensor, z: Tensor) -> Tensor:
     """The block's log-dets (one per vector along ``z``'s last axis, see ``Residual._prepare``)
     summed to one per batch element."""
-    return logdet.reshape(z.shape[0], -1).sum(1) if logdet.dim() > 1 else logdet
+    return logdet.flatten(1).sum(1) if logdet.dim() > 1 else logdet
 
 
 def _check_first_layer_input(layer: InducedNormLinear | InducedNormConv2d, z: Tensor) -> None:
@@ -185,17 +185,15 @@ def _power_iteration(layer: InducedNormLinear | InducedNormConv2d) -> None:
     torch.dot(u, torch.mv(weight, v), out=layer.scale)
 
 
-def _scale_is_current(layer: InducedNormLinear | InducedNormConv2d) -> bool:
-    r"""Whether the layer's ``scale`` buffer equals $\tilde\sigma = u^\top W v$ for its current
-    weight, as a refresh (:func:`_power_iteration`) or normflows' ``update_lipschitz`` leaves it;
-    an optimiser step since then changes $W$ and so this product. The product is computed by
-    normflows' ``compute_weight(update=False)``, bit for bit the refresh's; the buffer it writes
-    is restored."""
-    scale = layer.scale.clone()
-    layer.compute_weight(update=False)
-    current = torch.equal(layer.scale, scale)
-    layer.scale.copy_(scale)
-    return current
+def _scale_is_current(layer: InducedNormLinear | InducedNormConv2d, spatial: tuple[int, int]) -> bool:
+    r"""Whether the layer's ``scale`` buffer is $\tilde\sigma = u^\top W v$ for its current weight
+    (to a relative 1e-6: float32 rounding, a change of dtype or device), as a refresh
+    (:func:`_power_iteration`, normflows' ``update_lipschitz``) leaves it. An optimiser step
+    since then changes $W$ and so this product. The library writes ``scale`` only in a refresh;
+    normflows' own forward (the net called directly) also writes it, leaving its buffers as
+    normflows would use them."""
+    sigma = _sigma_estimate(layer, layer.u, layer.v, spatial)
+    return bool((layer.scale - sigma).abs() <= 1e-6 * sigma.abs())
 
 
 def _input_sizes(layers: list[nn.Module]) -> list[tuple[int, int]]:
@@ -301,11 +299,11 @@ class _NormflowsBlock(ResidualBlock):
             return
         self.input_sizes = _input_sizes(self.induced_norm_layers)
         with torch.no_grad():
-            for layer in self.induced_norm_layers:
+            for layer, spatial in zip(self.induced_norm_layers, self.input_sizes):
                 version = _tensor_state(layer.weight)
                 if _REFRESHED_FOR.get(layer) == version:
                     continue
-                if self.training or not _scale_is_current(layer):
+                if self.training or not _scale_is_current(layer, spatial):
                     _power_iteration(layer)
                 _REFRESHED_FOR[layer] = version
 
@@ -513,7 +511,12 @@ class Residual(Flow):
                     for buffer in (layer.u, layer.v):  # that can be (not mapped from a checkpoint file)
                         if not buffer.untyped_storage().resizable():
                             buffer.set_(buffer.clone())
+                # normflows' forward writes `scale`, which tells whether loaded buffers are fresh: keep it
+                layers = self.block.induced_norm_layers
+                kept = [(m, m.scale.clone()) for m in layers if bool(getattr(m, "initialized", True))]
                 self.block.net(z[:1])
+                for layer, scale in kept:
+                    layer.scale.copy_(scale)
             self._convs_initialized = True
 
     def extra_repr(self) -> str:
@@ -547,11 +550,19 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
 
 
 # -- lipschitz_bound rules for normflows' nets ------------------------------------------------
+def _applied_weight(layer: InducedNormLinear | InducedNormConv2d) -> Tensor:
+    """normflows' ``compute_weight(update=False)``, with its write to ``scale`` undone: a query must
+    not make stale buffers look fresh (:func:`_scale_is_current`)."""
+    scale = layer.scale.clone()
+    weight = layer.compute_weight(update=False)
+    layer.scale.copy_(scale)
+    return weight
+
+
 def _induced_norm_linear_bound(layer: InducedNormLinear) -> float:
     """Exact spectral norm of the weight the layer applies."""
     with torch.no_grad():
-        weight = layer.compute_weight(update=False)
-        return float(torch.linalg.matrix_norm(weight.double(), ord=2))
+        return float(torch.linalg.matrix_norm(_applied_weight(layer).double(), ord=2))
 
 
 def _induced_norm_conv_bound(layer: InducedNormConv2d) -> float:
@@ -559,7 +570,7 @@ def _induced_norm_conv_bound(layer: InducedNormConv2d) -> float:
     (:func:`~pyro_iresnet.conv.conv_operator_norm`)."""
     with torch.no_grad():
         if layer.kernel_size == (1, 1) and layer.padding == (0, 0):
-            weight = layer.compute_weight(update=False).reshape(layer.out_channels, layer.in_channels)
+            weight = _applied_weight(layer).reshape(layer.out_channels, layer.in_channels)
             return float(torch.linalg.matrix_norm(weight.double(), ord=2))
         k, padding = layer.kernel_size, layer.padding
         if layer.stride != (1, 1) or k[0] != k[1] or padding != (k[0] // 2,) * 2 or k[0] % 2 == 0:
@@ -574,7 +585,7 @@ def _induced_norm_conv_bound(layer: InducedNormConv2d) -> float:
                 "pass of the model first"
             )
         height, width = (int(s) for s in layer.spatial_dims.tolist())
-        weight = layer.compute_weight(update=False)
+        weight = _applied_weight(layer)
         return conv_operator_norm(weight, (layer.in_channels, height, width), padding[0])
 
 

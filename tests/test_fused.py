@@ -613,3 +613,16 @@ def test_a_loss_on_one_output_only(used: str, activation: str, context_dim: int,
         else:
             torch.testing.assert_close(g_fast, g_slow, rtol=TOL, atol=TOL)
     assert float(grads[0][0].abs().max()) > 0  # not vacuous
+
+
+def test_a_call_under_inference_mode_leaves_later_calls_working() -> None:
+    """Scratch buffers made under ``inference_mode`` are inference tensors, which cannot be written
+    outside it: they are not kept for later calls."""
+    torch.manual_seed(0)
+    block = ResidualBlock(LipschitzMLP([2, 8, 2]))
+    x = torch.randn(16, 2)
+    with torch.inference_mode():
+        block.forward_and_logdet(x)
+    other = ResidualBlock(LipschitzMLP([2, 8, 2]))
+    y, logdet = other.forward_and_logdet(x.clone().requires_grad_())
+    (y.sum() + logdet.sum()).backward()

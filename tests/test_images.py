@@ -832,3 +832,12 @@ def test_conv_iresnet_takes_kernel_sizes_from_a_numpy_array() -> None:
 
     t = conv_iresnet((1, 4, 4), hidden_channels=4, kernel_sizes=np.array([3, 1, 3]))
     assert t(torch.randn(2, 1, 4, 4)).shape == (2, 1, 4, 4)
+
+
+def test_logit_transform_keeps_ordinary_data_exact_with_a_tiny_alpha_in_bfloat16() -> None:
+    """p is kept off 0 by the smallest normal number, not by eps: data near 0 are not clamped
+    when alpha is below the dtype's eps."""
+    t = LogitTransform(17, alpha=1e-3)
+    v = torch.tensor([0.0, 0.5, 1.0, 1.5], dtype=torch.bfloat16).reshape(1, 1, 1, 4)
+    p = t.alpha + (1.0 - 2.0 * t.alpha) * v / t.levels
+    assert torch.equal(t(v), torch.logit(p))

@@ -1067,3 +1067,59 @@ def test_an_mlp_takes_sequences_of_vectors_as_normflows_layer_does(net_kind: str
     x_back, log_det_back = layer.forward(y)
     torch.testing.assert_close(x_back, x, atol=1e-9, rtol=0)
     torch.testing.assert_close(log_det_back, -log_det, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("kernels", [[3, 3], [1, 1]])
+def test_a_cnn_checkpoint_and_the_model_that_saved_it_agree_in_eval(kernels: list[int]) -> None:
+    """The reloaded model's first call runs normflows' own forward to learn the input size, which
+    writes ``scale``: that must not make its stale buffers look fresh."""
+
+    def make() -> Residual:
+        torch.manual_seed(1)
+        net = nf.nets.LipschitzCNN([2, 8, 2], kernels, lipschitz_const=0.9, init_zeros=False)
+        return Residual(net, logdet="series", n_terms=3, eval_logdet="exact")
+
+    model = make()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    x = torch.randn(4, 2, 4, 4)
+    for _ in range(3):
+        optimizer.zero_grad()
+        z, log_det = model.inverse(x)
+        ((z**2).sum() - log_det.sum()).backward()
+        optimizer.step()
+    reloaded = make()
+    reloaded.load_state_dict(copy.deepcopy(model.state_dict()))
+    model.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        (z, log_det), (z_loaded, log_det_loaded) = model.inverse(x), reloaded.inverse(x)
+    assert torch.equal(z, z_loaded) and torch.equal(log_det, log_det_loaded)
+
+
+def test_buffers_stay_as_they_are_after_a_query_or_a_change_of_dtype() -> None:
+    """``lipschitz_bound`` after the last step does not mark stale buffers fresh (the next
+    ``eval()`` call still refreshes them), and fresh buffers converted by ``.double()`` are not
+    refreshed again (float32 rounding of ``scale`` is not staleness)."""
+    torch.manual_seed(0)
+    layer = Residual(nf.nets.LipschitzMLP([2, 16, 2], init_zeros=False, lipschitz_const=0.9))
+    twin = copy.deepcopy(layer)
+    x = torch.randn(8, 2)
+    for module in (layer, twin):
+        torch.manual_seed(1)  # the same draws: the same weights and buffers
+        _train_forward_kld(nf.NormalizingFlow(nf.distributions.DiagGaussian(2, trainable=False), [module]),
+                           x, steps=2, lr=1e-2)
+    lipschitz_bound(layer)
+    layer.eval(), twin.eval()
+    with torch.no_grad():
+        assert torch.equal(layer.inverse(x)[1], twin.inverse(x)[1])
+    buffers = {k: v.clone() for k, v in layer.state_dict().items() if k.endswith((".u", ".v"))}
+    layer.double()
+    with torch.no_grad():
+        layer.inverse(x.double())
+    assert all(torch.equal(layer.state_dict()[k], v.double()) for k, v in buffers.items())
+
+
+def test_an_empty_batch_of_sequences() -> None:
+    layer = Residual(nf.nets.LipschitzMLP([3, 8, 3], init_zeros=False), brute_force=True)
+    z, log_det = layer.inverse(torch.randn(0, 2, 3))
+    assert z.shape == (0, 2, 3) and log_det.shape == (0,)
