@@ -308,11 +308,10 @@ class LogitTransform(_FreshCache, TransformModule):
         )
 
     def _p(self, v: Tensor) -> Tensor:
-        """$p$, kept off 0 and 1 (by the dtype's smallest normal number and its eps): a model sample
-        at the domain's edge (where the inverse's sigmoid rounds to 0 or 1) maps back to a finite
-        value."""
-        info = torch.finfo(v.dtype)
-        return (self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels).clamp(info.tiny, 1.0 - info.eps)
+        """$p$, with 0 and 1 moved to the nearest numbers inside $(0, 1)$: a model sample at the
+        domain's edge (where the inverse's sigmoid rounds to 0 or 1) maps back to a finite value."""
+        info = torch.finfo(v.dtype)  # the nearest numbers to 0 and 1 inside (0, 1): only p = 0 or 1 moves
+        return (self.alpha + (1.0 - 2.0 * self.alpha) * v / self.levels).clamp(info.tiny * info.eps, 1.0 - info.eps / 2)
 
     def _call(self, x: Tensor) -> Tensor:
         _check_image("x", x)

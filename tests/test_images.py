@@ -834,10 +834,14 @@ def test_conv_iresnet_takes_kernel_sizes_from_a_numpy_array() -> None:
     assert t(torch.randn(2, 1, 4, 4)).shape == (2, 1, 4, 4)
 
 
-def test_logit_transform_keeps_ordinary_data_exact_with_a_tiny_alpha_in_bfloat16() -> None:
-    """p is kept off 0 by the smallest normal number, not by eps: data near 0 are not clamped
-    when alpha is below the dtype's eps."""
-    t = LogitTransform(17, alpha=1e-3)
-    v = torch.tensor([0.0, 0.5, 1.0, 1.5], dtype=torch.bfloat16).reshape(1, 1, 1, 4)
+@pytest.mark.parametrize(
+    "dtype, levels, alpha, values",
+    [(torch.bfloat16, 256, 1e-3, [0.0, 0.5, 255.5]), (torch.float16, 256, 1e-5, [0.005, 0.5, 255.5])],
+)
+def test_logit_transform_keeps_ordinary_data_exact_in_low_precision(dtype, levels, alpha, values) -> None:
+    """Only p = 0 or 1 moves (to the nearest number inside): data near either end are not clamped
+    when alpha is small against the dtype's resolution (Residual Flows use alpha = 1e-5 on MNIST)."""
+    t = LogitTransform(levels, alpha=alpha)
+    v = torch.tensor(values, dtype=dtype).reshape(1, 1, 1, -1)
     p = t.alpha + (1.0 - 2.0 * t.alpha) * v / t.levels
     assert torch.equal(t(v), torch.logit(p))
