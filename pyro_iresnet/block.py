@@ -68,7 +68,6 @@ _CREATION_ORDER = itertools.count()
 EVAL_LOGDET_METHODS = ("auto", *LOGDET_METHODS)
 
 
-
 def _check_fused(fused: bool | str) -> bool | str:
     if isinstance(fused, str):
         if fused != "auto":

@@ -196,6 +196,19 @@ def _scale_is_current(layer: InducedNormLinear | InducedNormConv2d, spatial: tup
     return bool((layer.scale - sigma).abs() <= 1e-6 * sigma.abs())
 
 
+@contextmanager
+def _scale_kept(layers: list[nn.Module]) -> Iterator[None]:
+    """Within the context normflows' own forward and ``compute_weight`` may run on ``layers``: the
+    ``scale`` they write, which tells stale buffers from fresh ones (:func:`_scale_is_current`), is
+    restored afterwards."""
+    kept = [(layer, layer.scale.clone()) for layer in layers]
+    try:
+        yield
+    finally:
+        for layer, scale in kept:
+            layer.scale.copy_(scale)
+
+
 def _input_sizes(layers: list[nn.Module]) -> list[tuple[int, int]]:
     """The input size $(H, W)$ each ``InducedNormConv2d`` learned on its first forward (read from
     the device: once per call of the layer, not per evaluation of $g$); ``(1, 1)`` for linears."""
@@ -511,12 +524,9 @@ class Residual(Flow):
                     for buffer in (layer.u, layer.v):  # that can be (not mapped from a checkpoint file)
                         if not buffer.untyped_storage().resizable():
                             buffer.set_(buffer.clone())
-                # normflows' forward writes `scale`, which tells whether loaded buffers are fresh: keep it
-                layers = self.block.induced_norm_layers
-                kept = [(m, m.scale.clone()) for m in layers if bool(getattr(m, "initialized", True))]
-                self.block.net(z[:1])
-                for layer, scale in kept:
-                    layer.scale.copy_(scale)
+                loaded = [m for m in self.block.induced_norm_layers if bool(getattr(m, "initialized", True))]
+                with _scale_kept(loaded):  # a loaded checkpoint's staleness stays visible
+                    self.block.net(z[:1])
             self._convs_initialized = True
 
     def extra_repr(self) -> str:
@@ -552,11 +562,9 @@ def _load_normflows_checkpoint(module: Residual, state_dict: dict[str, Any], pre
 # -- lipschitz_bound rules for normflows' nets ------------------------------------------------
 def _applied_weight(layer: InducedNormLinear | InducedNormConv2d) -> Tensor:
     """normflows' ``compute_weight(update=False)``, with its write to ``scale`` undone: a query must
-    not make stale buffers look fresh (:func:`_scale_is_current`)."""
-    scale = layer.scale.clone()
-    weight = layer.compute_weight(update=False)
-    layer.scale.copy_(scale)
-    return weight
+    not make stale buffers look fresh."""
+    with _scale_kept([layer]):
+        return layer.compute_weight(update=False)
 
 
 def _induced_norm_linear_bound(layer: InducedNormLinear) -> float:
