@@ -164,6 +164,15 @@ def _pure_forward(
 
 
 @torch.no_grad()
+def _iteration_count(layer: InducedNormLinear | InducedNormConv2d) -> int | None:
+    """The layer's power-iteration count per refresh: its own (``max_lipschitz_iter``), ``None``
+    where its tolerance decides, and normflows' default 5 for a layer built with neither (which
+    normflows leaves to ``update_lipschitz(model, n)``)."""
+    if layer.n_iterations is not None:
+        return layer.n_iterations
+    return None if layer.atol is not None and layer.rtol is not None else 5
+
+
 def _power_iteration(layer: InducedNormLinear | InducedNormConv2d) -> None:
     r"""normflows' ``compute_weight(update=True)``: its power iteration on ``u``, ``v`` and its
     ``scale`` buffer set to $\tilde\sigma = u^\top W v$.
@@ -172,12 +181,13 @@ def _power_iteration(layer: InducedNormLinear | InducedNormConv2d) -> None:
     (normflows' ``LipschitzMLP``) the same steps, $u \leftarrow W v / \|W v\|$,
     $v \leftarrow W^\top u / \|W^\top u\|$ with the norms clamped at 1e-12 as ``F.normalize`` does,
     run in fewer operations, straight into the buffers; any other layer calls ``compute_weight``."""
-    if not _two_norm_linear(layer) or layer.n_iterations is None:
-        layer.compute_weight(update=True)
+    n_iterations = _iteration_count(layer)
+    if not _two_norm_linear(layer) or n_iterations is None:
+        layer.compute_weight(update=True, n_iterations=n_iterations)
         return
     weight, u, v = layer.weight.detach(), layer.u, layer.v
     weight_t = weight.t()
-    for _ in range(layer.n_iterations):
+    for _ in range(n_iterations):
         torch.mv(weight, v, out=u)
         u.div_(torch.linalg.vector_norm(u).clamp_min_(1e-12))
         torch.mv(weight_t, u, out=v)
@@ -278,13 +288,6 @@ class _NormflowsBlock(ResidualBlock):
     def __init__(self, net: nn.Module, **options: Any) -> None:
         super().__init__(net, **options)
         self.induced_norm_layers = [m for m in net.modules() if isinstance(m, _INDUCED_NORM_LAYERS)]
-        for layer in self.induced_norm_layers:
-            if layer.n_iterations is None and (layer.atol is None or layer.rtol is None):
-                raise ValueError(
-                    f"normflows' {type(layer).__name__} has neither an iteration count nor a tolerance for its "
-                    "power iteration, which this layer keeps fresh itself: build the net with max_lipschitz_iter "
-                    "(e.g. 5, normflows' default) or lipschitz_tolerance"
-                )
         self.input_sizes = _input_sizes(self.induced_norm_layers)
 
     def _normalization_buffers(self) -> list[tuple[nn.Module, str]]:

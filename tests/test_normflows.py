@@ -875,11 +875,27 @@ def test_normflows_mlp_on_sequences_takes_the_generic_path() -> None:
         Residual(net, event_dim=2, fused=True)
 
 
-def test_normflows_net_without_power_iteration_count_or_tolerance_is_refused_by_name() -> None:
-    net = nf.nets.LipschitzMLP([2, 8, 2], max_lipschitz_iter=None)
-    with pytest.raises(ValueError, match="max_lipschitz_iter .*or lipschitz_tolerance"):
-        Residual(net)
-    Residual(nf.nets.LipschitzMLP([2, 8, 2], max_lipschitz_iter=None, lipschitz_tolerance=1e-3))
+@pytest.mark.parametrize("tolerance", [None, 1e-3])
+def test_normflows_net_without_power_iteration_count(tolerance: float | None) -> None:
+    """Without ``max_lipschitz_iter`` (normflows leaves the count to ``update_lipschitz(model, n)``)
+    a refresh runs the tolerance's iteration, or normflows' default of 5 steps without one: what
+    ``update_lipschitz(model, 5)`` does to the same net."""
+    torch.manual_seed(0)
+    net = nf.nets.LipschitzMLP([2, 8, 2], max_lipschitz_iter=None, lipschitz_tolerance=tolerance, init_zeros=False)
+    layer = Residual(net)
+    reference = copy.deepcopy(net)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nf.nets.lipschitz.InducedNormLinear):
+                m.weight.mul_(1.5)  # a change of the weights, as an optimiser step makes
+        for m in reference.modules():
+            if isinstance(m, nf.nets.lipschitz.InducedNormLinear):
+                m.weight.mul_(1.5)
+                m.compute_weight(update=True, n_iterations=None if tolerance else 5)
+    layer.inverse(torch.randn(4, 2))
+    for ours, theirs in zip(net.modules(), reference.modules()):
+        if isinstance(ours, nf.nets.lipschitz.InducedNormLinear):
+            assert torch.equal(ours.u, theirs.u) and torch.equal(ours.v, theirs.v)
 
 
 def test_eval_after_the_last_optimiser_step_refreshes_normflows_power_iteration_once() -> None:
