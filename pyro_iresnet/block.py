@@ -34,6 +34,7 @@ from .context import ConcatContextNet
 from .errors import (
     ConvergenceError,
     NonFiniteError,
+    _check_floating_tensor,
     all_finite,
     check_bool,
     check_choice,
@@ -466,10 +467,7 @@ class ResidualBlock(nn.Module):
 
     def _check_tensor(self, x: Tensor, name: str) -> None:
         name = self._describe(name)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        _check_floating_tensor(name, x)
         param = next(self.net.parameters(), None)
         if param is not None and param.dtype != x.dtype:
             raise TypeError(

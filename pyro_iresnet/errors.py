@@ -230,6 +230,14 @@ def _check_real(name: str, value: object, in_range: Callable[[Real], bool], kind
     return float(value)
 
 
+def _check_floating_tensor(name: str, x: object) -> None:
+    """A ``TypeError`` naming ``name`` unless ``x`` is a tensor of a real floating dtype."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+
+
 def check_bool(name: str, value: bool) -> bool:
     """Require ``True`` or ``False`` (numpy booleans included): a string such as ``"False"`` would
     otherwise switch an option on.

@@ -57,6 +57,7 @@ from torch.distributions import Transform, constraints
 from .block import _LOW_PRECISION
 from .conv import LipschitzCNN, _check_shape
 from .errors import (
+    _check_floating_tensor,
     _check_real,
     check_bool,
     check_finite,
@@ -70,10 +71,7 @@ _IMAGE = constraints.independent(constraints.real, 3)
 
 
 def _check_image(name: str, x: Tensor, channels: int | None = None) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():  # integer pixels included: dequantize them first
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    _check_floating_tensor(name, x)  # integer pixels included: dequantize them first
     if x.dim() < 3 or (channels is not None and x.shape[-3] != channels):
         expected = f"(..., {channels}, H, W)" if channels is not None else "(..., C, H, W)"
         raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")

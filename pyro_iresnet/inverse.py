@@ -34,7 +34,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ConvergenceError, ConvergenceWarning, check_choice, check_positive_int, check_tolerance
+from .errors import (
+    ConvergenceError,
+    ConvergenceWarning,
+    _check_floating_tensor,
+    check_choice,
+    check_positive_int,
+    check_tolerance,
+)
 from .first_order import USE_THE_GENERIC_PATH, first_order_backward
 from .logdet import _upcast_half
 
@@ -107,10 +114,7 @@ class SolveInfo:
 
 def _check_targets(y: Tensor, context: Tensor | None = None) -> None:
     """The targets ``y`` of a solve: a floating tensor ``(N, *event)``; a context with ``N`` rows."""
-    if not isinstance(y, Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if not y.is_floating_point():
-        raise TypeError(f"y must have a floating dtype, got {y.dtype}")
+    _check_floating_tensor("y", y)
     if y.dim() < 2:
         raise ValueError(f"y must have shape (N, *event), got {tuple(y.shape)}")
     if context is not None and not isinstance(context, Tensor):
