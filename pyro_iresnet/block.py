@@ -242,7 +242,7 @@ class ResidualBlock(nn.Module):
         inverse_method: ``"fixed_point"``, ``"anderson"``, or ``"newton"`` (fixed-point steps
             accelerated by safeguarded Newton and chord steps with the exact Jacobian, and an exactly
             solved adjoint, :func:`~pyro_iresnet.fused_inverse.newton_inverse`; needs the fused path: a
-            supported ``LipschitzMLP``, no context; meant for small $d$). With ``"newton"``, an
+            supported ``LipschitzMLP``, also as a ``ConcatContextNet``; meant for small $d$). With ``"newton"``, an
             ``inverse_and_logdet`` call that needs no gradient and whose log-det is exact (sampling
             in ``eval()`` with ``eval_logdet`` exact, without ``exact_trace``) takes the log-det
             from the forward pass that checked the solution
@@ -362,11 +362,10 @@ class ResidualBlock(nn.Module):
                 "fused=True does not cover exact_trace=True (the fused path estimates traces with probes); "
                 "use fused='auto' or exact_trace=False"
             )
-        newton_ok = (fused is not False and self.context_dim is None and event_dim == 1
-                     and self._supports_fused(self.net))
+        newton_ok = fused is not False and event_dim == 1 and self._supports_fused(self.net)
         if inverse_method == "newton" and not newton_ok:
             raise ValueError(
-                f"inverse_method='newton' needs the fused path without a context (a LipschitzMLP with "
+                f"inverse_method='newton' needs the fused path (a LipschitzMLP with "
                 f"LipSwish/ELU, event_dim=1 and fused != False), got net {type(self.net).__name__}, "
                 f"event_dim={event_dim} and fused={fused!r}"
             )
@@ -669,7 +668,7 @@ class ResidualBlock(nn.Module):
         Raises:
             ConvergenceError: The same, with ``strict=True``.
             ValueError: If ``y`` or ``context`` has the wrong shape, or a context is given to a net that
-                takes none (a block with ``inverse_method="newton"`` never takes one).
+                takes none.
         """
         y_flat, context, _, shape = self._prepare(y, "y", context)
         return self._inverse_flat(y_flat, context)[0].reshape(shape)
@@ -679,12 +678,12 @@ class ResidualBlock(nn.Module):
         ``no_grad`` (``None`` if none), for a log-det at the solution."""
         self.refresh_lipschitz()
         params = self._params() if torch.is_grad_enabled() else []
-        if self.inverse_method == "newton":  # never conditional: the constructor refuses that
+        if self.inverse_method == "newton":
             with torch.set_grad_enabled(bool(params)):
                 fast = self._read_fused()  # whatever exact_trace says: that option is the log-det's
             with self._diagnostics_kept_on_error():
                 x, info = newton_inverse(
-                    fast, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
+                    fast, y_flat, context, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
                     lipschitz=self._certified_lipschitz,
                 )
             self.last_diagnostics = Diagnostics(inverse=info)
@@ -721,11 +720,11 @@ class ResidualBlock(nn.Module):
             $x$ of shape ``(..., *event)`` and $\log\det(I + J_g(x))$ of the batch shape.
         """
         y_flat, context, batch_shape, shape = self._prepare(y, "y", context)
-        solver = self._value_only_newton(y_flat)
+        solver = self._value_only_newton(y_flat, context)
         if solver is not None:
             with self._diagnostics_kept_on_error():
                 x_flat, logdet, info = newton_inverse_and_logdet(
-                    solver, y_flat, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
+                    solver, y_flat, context, atol=self.atol, rtol=self.rtol, max_iter=self.max_iter, strict=self.strict,
                     lipschitz=self._certified_lipschitz,
                 )
             self.last_diagnostics = Diagnostics("exact", None, info)
@@ -736,13 +735,15 @@ class ResidualBlock(nn.Module):
         self.last_diagnostics.inverse = info
         return x_flat.reshape(shape), self._check_logdet(logdet).reshape(batch_shape)
 
-    def _value_only_newton(self, y_flat: Tensor) -> SolverNet | None:
+    def _value_only_newton(self, y_flat: Tensor, context: Tensor | None) -> SolverNet | None:
         """The fused net for :func:`~pyro_iresnet.fused_inverse.newton_inverse_and_logdet` when it applies
         to this ``inverse_and_logdet`` call (``None`` otherwise): ``inverse_method="newton"``, no
         gradient needed and the exact log-det."""
         if (
             self.inverse_method != "newton"
-            or torch.is_grad_enabled() and (y_flat.requires_grad or bool(self._params()))
+            or torch.is_grad_enabled() and (
+                y_flat.requires_grad or context is not None and context.requires_grad or bool(self._params())
+            )
             or self._current_logdet_method(math.prod(y_flat.shape[1:])) != "exact"
         ):
             return None
@@ -842,7 +843,8 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
             )
         elif isinstance(obj, (list, tuple)):
             for i, item in enumerate(obj):
-                visit(item, ".".join(filter(None, (path, str(i)))))
+                if not visit(item, ".".join(filter(None, (path, str(i))))):
+                    raise TypeError(f"item {i} of {path or 'the sequence'}: {kinds}, got {type(item).__name__}")
         elif isinstance(getattr(obj, "block", None), ResidualBlock):  # a conditioned transform
             found.append((path, obj.block))
         elif hasattr(obj, "parts"):  # ComposeTransform
@@ -851,15 +853,15 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
             visit(list(obj.transforms), ".".join(filter(None, (path, "transforms"))))
         elif hasattr(obj, "_inv") and obj._inv is not None:  # a transform's .inv
             visit(obj._inv, path)
-        else:
-            return isinstance(obj, (torch.distributions.Transform, torch.distributions.Distribution))
+        else:  # a transform or distribution without blocks, or a Pyro ConditionalTransform
+            return isinstance(obj, (torch.distributions.Transform, torch.distributions.Distribution)) or callable(
+                getattr(obj, "condition", None)
+            )
         return True
 
+    kinds = "expected an nn.Module, a transform, a (conditional) transformed distribution or a list/tuple of them"
     if not visit(model, prefix):
-        raise TypeError(
-            "model must be an nn.Module, a transform, a (conditional) transformed distribution or a list/tuple "
-            f"of them, got {type(model).__name__}"
-        )
+        raise TypeError(f"model: {kinds}, got {type(model).__name__}")
     unique = list({id(block): (path, block) for path, block in found}.values())
     for k, (path, block) in enumerate(unique):
         block.name = f"{k} of {len(unique)} ({path})"

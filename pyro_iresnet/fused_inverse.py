@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import check_positive_int
+from .errors import _check_floating_tensor, check_positive_int
 from .first_order import first_order_backward
 from .fused import (
     _LIPSWISH_SCALE,
@@ -183,9 +183,9 @@ def solver_net(mlp: FusedMLP) -> SolverNet:
 
 
 def _newton(
-    net: SolverNet, y: Tensor, tol: Tensor, max_iter: int, with_logdet: bool = False
+    net: SolverNet, y: Tensor, tol: Tensor, max_iter: int, with_logdet: bool = False, context: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None, SolveInfo]:
-    r"""Solve $F(x) = x + g(x) - y = 0$ per sample by chord steps
+    r"""Solve $F(x) = x + g(x, c) - y = 0$ per sample by chord steps
     $x \leftarrow x - (I + J_0)^{-1} F(x)$; per-sample early exit on the residual.
 
     Every sample starts with $J_0 = 0$, i.e. fixed-point steps $x \leftarrow y - g(x)$. A sample
@@ -200,7 +200,8 @@ def _newton(
     eighth of it; until then they keep iterating and are checked again. Returns the points
     whose residual was evaluated and, ``with_logdet``, $\log|\det(I + J_g(x))|$ at them, from the
     hidden pre-activations of the forward pass that checked them, in one Jacobian over the batch at
-    the end (meaningless where the iterate is not finite; those samples are not converged).
+    the end (meaningless where the iterate is not finite; those samples are not converged). A
+    context $c$ (one row per sample) leaves the batch with its sample.
     """
     n, d = y.shape
     x_out, residual = y.clone(), torch.full_like(tol, float("inf"))
@@ -210,12 +211,12 @@ def _newton(
     pre_out = [y.new_empty(n, wt.shape[1]) for wt in net.weights_t[:-1]] if with_logdet else []
     logdet = None
     active = torch.arange(n, device=y.device)
-    x, y_act, tol_act = y, y, tol
+    x, y_act, tol_act, context_act = y, y, tol, context
     eye = torch.eye(d, dtype=y.dtype, device=y.device)
     step = eye.expand(n, d, d)  # (I + J_0)^{-1}; J_0 = 0 (a fixed-point step) until a refresh
     use_jac = banned = prev_res = None  # masks, created by the first refresh
     for iteration in range(1, max_iter + 1):
-        gx, pre = net._forward(x, keep=True)
+        gx, pre = net._forward(x, keep=True, context=context_act)
         f = gx.add_(x).sub_(y_act)  # F(x); the fixed-point step is x - F(x)
         res = _max_abs(f)
         done = _finished(res, tol_act)
@@ -229,9 +230,9 @@ def _newton(
                 break
             keep = (~done).nonzero().squeeze(1)
             pre = [p.index_select(0, keep) for p in pre]
-            active, x, f, y_act, tol_act, res, prev_res, step, use_jac, banned, done = (
+            active, x, f, y_act, tol_act, context_act, res, prev_res, step, use_jac, banned, done = (
                 t if t is None else t.index_select(0, keep)
-                for t in (active, x, f, y_act, tol_act, res, prev_res, step, use_jac, banned, done))
+                for t in (active, x, f, y_act, tol_act, context_act, res, prev_res, step, use_jac, banned, done))
         if prev_res is not None:
             if use_jac is not None:
                 worse = use_jac & (res > prev_res)  # the Jacobian step failed: fixed-point steps only
@@ -256,19 +257,30 @@ def _newton(
     return x_out, logdet, SolveInfo(iteration, residual, converged)
 
 
-def _require_unconditional(context_weight: Tensor | None) -> None:
-    if context_weight is not None:
-        raise ValueError("the Newton inverse does not take a context: for a conditional net use the fixed point")
-
-
-def _check_newton_targets(y: Tensor, weight: Tensor) -> None:
-    """``y`` of shape ``(N, d)`` in the dtype of the net, whose first weight is ``weight`` (``(h, d)``)."""
+def _check_newton_inputs(y: Tensor, weight: Tensor, context: Tensor | None, context_weight: Tensor | None) -> None:
+    """``y`` of shape ``(N, d)`` in the dtype of the net, whose first weight is ``weight`` (``(h, d)``),
+    and a context of shape ``(N, context_dim)`` in that dtype exactly when the net is conditional
+    (``context_weight``, ``(h, context_dim)``, not ``None``)."""
     _check_targets(y)
     d = weight.shape[1]
     if y.dim() != 2 or y.shape[1] != d:
         raise ValueError(f"y must have shape (N, {d}) for this net, got {tuple(y.shape)}")
     if y.dtype != weight.dtype:
         raise TypeError(f"y has dtype {y.dtype} but the net's weights are {weight.dtype}; convert one of them")
+    if (context_weight is None) != (context is None):
+        raise ValueError(
+            "the net is conditional: pass a context" if context is None else "the net takes no context, got one"
+        )
+    if context is None:
+        return
+    _check_floating_tensor("context", context)
+    expected = (y.shape[0], context_weight.shape[1])
+    if tuple(context.shape) != expected:
+        raise ValueError(f"context must have shape {expected} (one row per sample of y), got {tuple(context.shape)}")
+    if context.dtype != weight.dtype:
+        raise TypeError(
+            f"context has dtype {context.dtype} but the net's weights are {weight.dtype}; convert one of them"
+        )
 
 
 @dataclass
@@ -284,32 +296,37 @@ class _InverseConfig:
 
 class _NewtonInverse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, config: _InverseConfig, y: Tensor, *tensors: Tensor) -> Tensor:
+    def forward(ctx, config: _InverseConfig, y: Tensor, context: Tensor | None, *tensors: Tensor) -> Tensor:
         mlp = config.mlp.detached()
         tol = _residual_tolerance(y.detach(), config.atol, config.rtol)
-        x, _, info = _newton(SolverNet(mlp), y.detach(), tol, config.max_iter)
+        context = None if context is None else context.detach()
+        x, _, info = _newton(SolverNet(mlp), y.detach(), tol, config.max_iter, context=context)
         config.info.iterations, config.info.residual, config.info.converged = (
             info.iterations, info.residual, info.converged)
         if not info.converged:
             report_nonconvergence(info, "Newton inverse", config.strict, config.lipschitz())
-        ctx.mlp = mlp
-        ctx.save_for_backward(x, *tensors)
+        ctx.mlp, ctx.conditional = mlp, context is not None
+        ctx.save_for_backward(x, *(() if context is None else (context,)), *tensors)
         return x
 
     @staticmethod
     @first_order_backward("The Newton inverse's implicit gradient", _INVERSE_INSTEAD, lambda ctx: ctx.saved_tensors)
     def backward(ctx, grad_x: Tensor) -> tuple[Tensor | None, ...]:
         x = ctx.saved_tensors[0]
-        _, cache = _forward(ctx.mlp, x)
+        context = ctx.saved_tensors[1] if ctx.conditional else None
+        _, cache = _forward(ctx.mlp, x, context=context)
         inv_t = _inverse(_jacobian(ctx.mlp, cache)[0]).mT
         u = torch.bmm(inv_t, grad_x.unsqueeze(-1)).squeeze(-1)  # u = (I + J)^{-T} grad_x
-        _, grads, _ = _backward(ctx.mlp, cache, -u, None, None)
-        return (None, u, *ctx.mlp.raw_weight_grads(grads))
+        # x(y, c, theta) solves x + g(x, c; theta) = y: dx = (I + J)^{-1} (dy - dg), so the
+        # gradients are u for y and -u^T dg/d(c, theta) for the context and the parameters
+        _, grads, grad_context = _backward(ctx.mlp, cache, -u, None, None)
+        return (None, u, grad_context, *ctx.mlp.raw_weight_grads(grads))
 
 
 def newton_inverse(
     mlp: FusedMLP,
     y: Tensor,
+    context: Tensor | None = None,
     *,
     atol: float | None = None,
     rtol: float | None = None,
@@ -317,12 +334,12 @@ def newton_inverse(
     strict: bool = False,
     lipschitz: Callable[[], float | None] = lambda: None,
 ) -> tuple[Tensor, SolveInfo]:
-    r"""Solve $x + g(x) = y$ by fixed-point steps accelerated with the exact per-sample Jacobian
-    (safeguarded Newton and chord steps).
+    r"""Solve $x + g(x) = y$ (or $x + g(x, c) = y$) by fixed-point steps accelerated with the exact
+    per-sample Jacobian (safeguarded Newton and chord steps).
 
     Stops per sample on the residual $\|x + g(x) - y\|_\infty \le \mathrm{atol} +
     \mathrm{rtol}\|y\|_\infty$ (defaults from :func:`~pyro_iresnet.inverse.default_tolerances`).
-    Differentiable in ``y`` and ``mlp.tensors()`` by the implicit function theorem, with the adjoint
+    Differentiable in ``y``, the context and ``mlp.tensors()`` by the implicit function theorem, with the adjoint
     $u = (I + J_g)^{-\top} \bar x$ solved exactly rather than iterated (first derivatives only:
     differentiating them again raises, see :mod:`pyro_iresnet.first_order`). Meant for small $d$ (a
     Jacobian costs $d$ Jacobian-vector products; the $d \times d$ inverse is in closed form for
@@ -341,6 +358,7 @@ def newton_inverse(
     Args:
         mlp: From :func:`fused_mlp`.
         y: Targets ``(N, d)``.
+        context: For a conditional net (``mlp.context_weight`` set): the context ``(N, context_dim)``.
         atol: Absolute residual tolerance.
         rtol: Tolerance relative to $\|y\|_\infty$ per sample.
         max_iter: Iteration cap.
@@ -351,10 +369,10 @@ def newton_inverse(
         $x$ of shape ``(N, d)`` and a :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
-        TypeError: If ``y`` is not a floating tensor in the net's dtype.
+        TypeError: If ``y`` or the context is not a floating tensor in the net's dtype.
         ValueError: If ``atol``/``rtol`` is NaN or negative, ``y`` is not ``(N, d)`` for the
-            net's $d$, or the net is conditional (a context weight: the Newton inverse takes no
-            context).
+            net's $d$, or a context is missing for a conditional net, given to an unconditional
+            one, or not ``(N, context_dim)``.
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -373,16 +391,16 @@ def newton_inverse(
         (True, True)
     """
     check_positive_int("max_iter", max_iter)
-    _require_unconditional(mlp.context_weight)
-    _check_newton_targets(y, mlp.weights[0])
+    _check_newton_inputs(y, mlp.weights[0], context, mlp.context_weight)
     info = SolveInfo()
     config = _InverseConfig(mlp, *_tolerances(y.dtype, atol, rtol), max_iter, strict, lipschitz, info)
-    return _NewtonInverse.apply(config, y, *mlp.tensors()), info
+    return _NewtonInverse.apply(config, y, context, *mlp.tensors()), info
 
 
 def newton_inverse_and_logdet(
     net: SolverNet,
     y: Tensor,
+    context: Tensor | None = None,
     *,
     atol: float | None = None,
     rtol: float | None = None,
@@ -390,8 +408,8 @@ def newton_inverse_and_logdet(
     strict: bool = False,
     lipschitz: Callable[[], float | None] = lambda: None,
 ) -> tuple[Tensor, Tensor, SolveInfo]:
-    r"""$x$ with $x + g(x) = y$ and the exact $\log|\det(I + J_g(x))|$ at it, values only (no
-    gradient; for sampling).
+    r"""$x$ with $x + g(x) = y$ (or $x + g(x, c) = y$) and the exact $\log|\det(I + J_g(x))|$ at
+    it, values only (no gradient; for sampling).
 
     The solve is the iteration of :func:`newton_inverse` (fixed-point steps that turn into Newton
     and chord steps where they contract slowly), stopped per sample on
@@ -402,6 +420,7 @@ def newton_inverse_and_logdet(
     Args:
         net: From :func:`solver_net`.
         y: Targets ``(N, d)``.
+        context: For a conditional net: the context ``(N, context_dim)``.
         atol: Absolute residual tolerance (default from
             :func:`~pyro_iresnet.inverse.default_tolerances`).
         rtol: Tolerance relative to $\|y\|_\infty$ per sample.
@@ -415,10 +434,10 @@ def newton_inverse_and_logdet(
         :class:`~pyro_iresnet.inverse.SolveInfo`.
 
     Raises:
-        TypeError: If ``y`` is not a floating tensor in the net's dtype.
+        TypeError: If ``y`` or the context is not a floating tensor in the net's dtype.
         ValueError: If ``atol``/``rtol`` is NaN or negative, ``y`` is not ``(N, d)`` for the
-            net's $d$, or the net is conditional (a context weight: the Newton inverse takes no
-            context).
+            net's $d$, or a context is missing for a conditional net, given to an unconditional
+            one, or not ``(N, context_dim)``.
         ConvergenceError: Instead of the warning, with ``strict=True``.
 
     Warns:
@@ -441,11 +460,12 @@ def newton_inverse_and_logdet(
         True
     """
     check_positive_int("max_iter", max_iter)
-    _require_unconditional(net.context_weight_t)
-    _check_newton_targets(y, net.mlp.weights[0])
+    _check_newton_inputs(y, net.mlp.weights[0], context, net.mlp.context_weight)
     atol, rtol = _tolerances(y.dtype, atol, rtol)
     with torch.no_grad():
-        x, logdet, info = _newton(net, y, _residual_tolerance(y, atol, rtol), max_iter, with_logdet=True)
+        x, logdet, info = _newton(
+            net, y, _residual_tolerance(y, atol, rtol), max_iter, with_logdet=True, context=context
+        )
     if not info.converged:
         report_nonconvergence(info, "Newton inverse", strict, lipschitz())
     return x, logdet, info

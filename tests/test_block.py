@@ -580,8 +580,16 @@ def test_memory_efficient_first_derivative_under_create_graph_for_a_nonlinear_lo
 def test_name_blocks_refuses_what_holds_no_blocks_by_type(model: object) -> None:
     from pyro_iresnet import name_blocks
 
-    with pytest.raises(TypeError, match="model must be an nn.Module, a transform"):
+    with pytest.raises(TypeError, match="model: expected an nn.Module, a transform"):
         name_blocks(model)
+
+
+@pytest.mark.parametrize("items, where", [([42], "item 0 of the sequence"), ((nn.Identity(), [None]), "item 0 of 1")])
+def test_name_blocks_refuses_an_item_that_holds_no_blocks_by_type(items: object, where: str) -> None:
+    from pyro_iresnet import name_blocks
+
+    with pytest.raises(TypeError, match=f"{where}: expected an nn.Module.*got"):
+        name_blocks(items)
 
 
 def test_a_lipschitz_mlp_with_layers_edited_by_hand_is_not_size_checked() -> None:
@@ -603,5 +611,7 @@ def test_name_blocks_walks_a_conditional_transformed_distribution() -> None:
     from pyro_iresnet import conditional_iresnet, name_blocks
 
     blocks = [conditional_iresnet(2, 3) for _ in range(2)]
-    flow = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), blocks)
-    assert name_blocks(flow, prefix="flow") == ["0 of 2 (flow.transforms.0.block)", "1 of 2 (flow.transforms.1.block)"]
+    # a plain transform in a conditional flow is wrapped in a ConstantConditionalTransform
+    transforms = [blocks[0], dist.transforms.Permute(torch.tensor([1, 0])), blocks[1]]
+    flow = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), transforms)
+    assert name_blocks(flow, prefix="flow") == ["0 of 2 (flow.transforms.0.block)", "1 of 2 (flow.transforms.2.block)"]

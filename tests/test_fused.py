@@ -378,8 +378,6 @@ def test_solver_net_with_a_vanishing_lipswish_beta(raw_beta: float) -> None:
 def test_newton_argument_checks() -> None:
     with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path"):
         ResidualBlock(nn.Sequential(nn.Linear(2, 2)), inverse_method="newton")
-    with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path without a context"):
-        ResidualBlock(ConcatContextNet(LipschitzMLP([2 + 3, 8, 2]), context_dim=3), inverse_method="newton")
     with pytest.raises(ValueError, match="inverse_method='newton' needs the fused path"):
         ResidualBlock(LipschitzMLP([2, 8, 2]), inverse_method="newton", fused=False)
 
@@ -626,3 +624,77 @@ def test_a_call_under_inference_mode_leaves_later_calls_working() -> None:
     other = ResidualBlock(LipschitzMLP([2, 8, 2]))
     y, logdet = other.forward_and_logdet(x.clone().requires_grad_())
     (y.sum() + logdet.sum()).backward()
+
+
+@pytest.mark.parametrize(("dims", "context_dim", "activation"), [([2 + 3, 16, 16, 2], 3, "lipswish"),
+                                                                 ([3 + 1, 12, 3], 1, "elu")])
+def test_conditional_newton_inverse_matches_the_generic_fixed_point(
+    dims: list[int], context_dim: int, activation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a context, Newton's solution is the generic fixed point's, and so are its implicit
+    gradients for y, the context and every parameter (exact adjoint solve vs adjoint iteration
+    through autograd); samples finish at different iterations, so rows leave the batch with their
+    context."""
+    net = _conditional_net(dims, context_dim, activation)
+    d = dims[-1]
+    y = torch.randn(24, d, dtype=torch.float64) * torch.linspace(0.1, 4, 24, dtype=torch.float64)[:, None]
+    context = torch.randn(24, context_dim, dtype=torch.float64) * 2
+    weights = torch.linspace(-1, 1, 24, dtype=torch.float64)[:, None]
+    steps = _count_jacobian_steps(monkeypatch)
+    results = []
+    for method, fused in (("newton", "auto"), ("fixed_point", False)):
+        block = ResidualBlock(net, inverse_method=method, fused=fused)
+        y_leaf, c_leaf = y.clone().requires_grad_(), context.clone().requires_grad_()
+        x = block.inverse(y_leaf, c_leaf)
+        with torch.no_grad():
+            assert float((x + net(x, context) - y).abs().max()) <= 1e-11
+        grads = torch.autograd.grad((x.pow(3) * weights).sum(), [y_leaf, c_leaf, *net.parameters()])
+        results.append((x.detach(), grads))
+    assert steps[0] > 0
+    (x_n, g_n), (x_f, g_f) = results
+    torch.testing.assert_close(x_n, x_f, rtol=0, atol=1e-10)
+    for a, b in zip(g_n, g_f):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_conditional_newton_sampling_matches_the_exact_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling (``inverse_and_logdet`` in eval mode, no gradient) with a context takes the value-only
+    Newton path: the solution within tolerance and the log-det equal to slogdet of autograd's
+    Jacobian in x at it, per sample's own context."""
+    net = _conditional_net([2 + 3, 16, 16, 2], 3)
+    y = torch.randn(32, 2, dtype=torch.float64) * torch.linspace(0.1, 4, 32, dtype=torch.float64)[:, None]
+    context = torch.randn(32, 3, dtype=torch.float64) * 2
+    calls = []
+    original = newton_inverse_and_logdet
+    monkeypatch.setattr(block_module, "newton_inverse_and_logdet",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    steps = _count_jacobian_steps(monkeypatch)
+    with torch.no_grad():
+        x, logdet = ResidualBlock(net, inverse_method="newton").eval().inverse_and_logdet(y, context)
+        assert float((x + net(x, context) - y).abs().max()) <= 1e-11
+    assert calls and steps[0] > 0
+    jac = torch.func.vmap(torch.func.jacrev(lambda v, c: v + net(v[None], c[None])[0]))(x, context)
+    torch.testing.assert_close(logdet, torch.linalg.slogdet(jac).logabsdet, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("conditional", "context", "error", "match"),
+    [
+        (True, None, ValueError, "the net is conditional: pass a context"),
+        (False, torch.randn(4, 3), ValueError, "the net takes no context, got one"),
+        (True, torch.randn(5, 3), ValueError, r"shape \(4, 3\) \(one row per sample of y\), got \(5, 3\)"),
+        (True, torch.randn(4, 2), ValueError, r"context must have shape \(4, 3\)"),
+        (True, torch.randn(4, 3, dtype=torch.float64), TypeError, "context has dtype torch.float64 but the net's"),
+        (True, torch.ones(4, 3, dtype=torch.int64), TypeError, "context must have a floating dtype"),
+        (True, [[0.0] * 3] * 4, TypeError, "context must be a torch.Tensor, got list"),
+    ],
+    ids=["missing", "unexpected", "rows", "columns", "dtype", "integer", "list"],
+)
+def test_newton_solvers_check_the_context(conditional: bool, context, error: type, match: str) -> None:
+    net = ConcatContextNet(LipschitzMLP([2 + 3, 8, 2]), context_dim=3) if conditional else LipschitzMLP([2, 8, 2])
+    mlp = fused_mlp(net.eval())
+    y = torch.randn(4, 2)
+    with pytest.raises(error, match=match):
+        newton_inverse(mlp, y, context)
+    with pytest.raises(error, match=match), torch.no_grad():
+        newton_inverse_and_logdet(solver_net(mlp), y, context)

@@ -421,21 +421,6 @@ def test_strict_non_convergence_still_records_its_diagnostics(method: str) -> No
     assert info is raised.value.info and not info.converged and info.iterations == 2
 
 
-def test_newton_inverse_refuses_a_conditional_net() -> None:
-    """The Newton solver takes no context: given a conditional net it solved g(x, 0) = y - x and
-    reported convergence."""
-    from pyro_iresnet.context import ConcatContextNet
-    from pyro_iresnet.fused import fused_mlp
-    from pyro_iresnet.fused_inverse import newton_inverse, newton_inverse_and_logdet, solver_net
-
-    mlp = fused_mlp(ConcatContextNet(LipschitzMLP([2 + 3, 8, 2], coeff=0.9), context_dim=3))
-    y = torch.randn(4, 2)
-    with pytest.raises(ValueError, match="does not take a context"):
-        newton_inverse(mlp, y)
-    with pytest.raises(ValueError, match="does not take a context"), torch.no_grad():
-        newton_inverse_and_logdet(solver_net(mlp), y)
-
-
 @pytest.mark.parametrize(("dtype", "raw_beta", "scale"), [(torch.float16, 5000.0, 30.0), (torch.bfloat16, -88.0, 3.0)],
                          ids=["float16-large-beta", "bfloat16-tiny-beta"])
 def test_half_precision_solver_matches_the_module_for_extreme_lipswish_betas(dtype, raw_beta, scale) -> None:
