@@ -219,11 +219,11 @@ def _anderson(
     r"""Anderson acceleration of $G(x) = y - g(x)$ (type II, undamped), from ``x0`` (default $y$),
     with per-sample early exit.
 
-    The memory is $D + 2$ iterates for samples of size $D \le 30$ (at least 5): on a linear map
-    Anderson acts like restarted GMRES, which can stall with fewer than $D$ iterates (e.g. for
+    The memory is $D + 2$ iterates for samples of size $D$, at least 5 and at most 32: on a linear
+    map Anderson acts like restarted GMRES, which can stall with fewer than $D$ iterates (e.g. for
     $g(x) = 0.995\,Qx$, $Q$ orthogonal, in 8 dimensions, memory 5 does not reach 1e-12 in 2,000
-    iterations and memory 10 does in about 20). Larger samples (images) keep 5, since the
-    histories take memory $\times$ batch $\times$ $D$. Finished samples (residual within ``tol``, or
+    iterations and memory 10 does in about 20). The cap bounds the histories, which take memory
+    $\times$ batch $\times$ $D$, for large samples (images). Finished samples (residual within ``tol``, or
     NaN/Inf, which counts as not converged) leave the batch with their histories once they are an
     eighth of it, as in the plain iteration; each returns the iterate whose residual was checked."""
     n = y.shape[0]
