@@ -342,6 +342,10 @@ class ResidualBlock(nn.Module):
                 self._check_structure(**{key: self.__dict__[key] for key in _STRUCTURE_OPTIONS} | {name: value})
         super().__setattr__(name, value)
 
+    def _option_values(self) -> tuple:
+        """The current values of every option (a change of one changes the tuple)."""
+        return tuple(self.__dict__.get(name) for name in _OPTION_CHECKS)
+
     def _check_structure(self, *, event_dim: int, fused: bool | str, exact_trace: bool, inverse_method: str) -> None:
         """The options that must fit the net and each other (each one already checked alone)."""
         net_event_shape = getattr(self.net, "event_shape", None)
@@ -537,6 +541,13 @@ class ResidualBlock(nn.Module):
             return "exact" if event_size <= self.exact_max_dim else self.logdet_method
         return self.eval_logdet
 
+    def _register_pyro_params(self, x: Tensor, context: Tensor | None) -> None:
+        """A net converted to a Pyro ``PyroModule`` (``to_pyro_module_``) puts each parameter into
+        Pyro's param store on its first use in a forward, which cannot happen inside ``torch.func``
+        transforms (the exact Jacobian's ``vmap``): one row goes through the net first, outside them."""
+        if getattr(self.net, "_pyro_context", None) is not None:
+            self.g(x[:1], None if context is None else context[:1])
+
     def _logdet_flat(
         self, x: Tensor, context: Tensor | None, fast_no_grad: FusedMLP | None = None
     ) -> tuple[Tensor, Tensor]:
@@ -559,6 +570,7 @@ class ResidualBlock(nn.Module):
             with torch.set_grad_enabled(needs_grad):
                 if fast is not None:
                     return fused_logdet(fast, x, "exact", context=context)
+                self._register_pyro_params(x, context)
                 return exact_logdet(self.g, x, context)
         if method == "series":
             weights = series_weights(self.n_terms)
@@ -568,6 +580,7 @@ class ResidualBlock(nn.Module):
         self.last_diagnostics = Diagnostics(method, len(weights), None)
         if self.exact_trace:
             with torch.set_grad_enabled(needs_grad):
+                self._register_pyro_params(x, context)
                 return jacobian_series_logdet(self.g, x, weights, context)
         probes = draw_probes(x, self.n_probes, self.probe)
         if fast is not None:  # memory_efficient changes nothing here: the fused backward is flat

@@ -54,7 +54,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule, Transform
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
-from .block import _LOW_PRECISION
+from .block import _LOW_PRECISION, ResidualBlock
 from .conv import LipschitzCNN, _check_shape
 from .errors import (
     _check_floating_tensor,
@@ -65,7 +65,7 @@ from .errors import (
     check_positive_int,
     check_unit_interval,
 )
-from .pyro import InvertibleResidual, _FreshCache, _split_options
+from .pyro import InvertibleResidual, _FreshCache, _pair_versions, _split_options
 
 _IMAGE = constraints.independent(constraints.real, 3)
 
@@ -441,7 +441,13 @@ class FactorOut(_FreshCache, TransformModule):
             raise TypeError(f"inner must be a TransformModule, got {type(inner).__name__}")
         self.inner = inner
         self.keep_channels = check_positive_int("keep_channels", keep_channels)
-        self._cached_logdet: tuple[Tensor, Tensor, Tensor] | None = None
+        self._cached_logdet: tuple[Tensor, Tensor, Tensor, tuple] | None = None
+
+    def _state(self) -> tuple:
+        """Also the options of the residual blocks inside: a log-det cached under another
+        estimator is not served."""
+        blocks = (m for m in self.inner.modules() if isinstance(m, ResidualBlock))
+        return (*super()._state(), *(block._option_values() for block in blocks))
 
     def _split(self, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
         if x.dim() < 3 or x.shape[-3] <= self.keep_channels:
@@ -455,23 +461,23 @@ class FactorOut(_FreshCache, TransformModule):
         x1, x2 = self._split(x, "x")
         y1 = self.inner(x1)
         y = torch.cat([y1, x2], dim=-3)
-        self._cached_logdet = (x, y, self.inner.log_abs_det_jacobian(x1, y1))
+        self._cached_logdet = (x, y, self.inner.log_abs_det_jacobian(x1, y1), _pair_versions(x, y))
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
         y1, y2 = self._split(y, "y")
         x1 = self.inner.inv(y1)
         x = torch.cat([x1, y2], dim=-3)
-        self._cached_halves = (x, y, x1, y1)
+        self._cached_halves = (x, y, x1, y1, _pair_versions(x, y))
         return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         self._drop_stale_cache()
         cached = self._cached_logdet
-        if cached is not None and cached[0] is x and cached[1] is y:
+        if cached is not None and cached[0] is x and cached[1] is y and cached[3] == _pair_versions(x, y):
             return cached[2]
         halves = self._cached_halves
-        if halves is not None and halves[0] is x and halves[1] is y:
+        if halves is not None and halves[0] is x and halves[1] is y and halves[4] == _pair_versions(x, y):
             return self.inner.log_abs_det_jacobian(halves[2], halves[3])
         x1, _ = self._split(x, "x")
         y1, _ = self._split(y, "y")

@@ -125,6 +125,15 @@ class _SpectralNorm(nn.Module):
     v: Tensor
     _buffers_written: tuple[int, int | None, int, int | None] | None = None  # u, v as the layer left them
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``coeff`` and ``n_power_iterations`` are checked on every assignment, also after
+        construction (``layer.coeff = 1.5`` would lift the normalisation)."""
+        if name == "coeff":
+            value = check_unit_interval("coeff", value)
+        elif name == "n_power_iterations":
+            value = check_positive_int("n_power_iterations", value)
+        super().__setattr__(name, value)
+
     def __getstate__(self) -> dict[str, Any]:
         """The state with the refresh markers that match the weight (or buffers) as pickled replaced
         by :data:`_CURRENT`: they hold storage addresses and version counters, which a copy
@@ -161,8 +170,8 @@ class _SpectralNorm(nn.Module):
         self.bias = None if template.bias is None else nn.Parameter(template.bias.detach().clone())
         self.register_buffer("u", torch.empty(*u_shape))
         self.register_buffer("v", torch.empty(*v_shape))
-        self.coeff = check_unit_interval("coeff", coeff)
-        self.n_power_iterations = check_positive_int("n_power_iterations", n_power_iterations)
+        self.coeff = coeff  # both checked by __setattr__
+        self.n_power_iterations = n_power_iterations
         self._frozen = False
         self._refreshed_for: tuple[int, int, int] | None = None
         self._settled_for: tuple[int, int, int] | None = None

@@ -44,6 +44,11 @@ from .lipschitz import LipschitzMLP, _tensor_state, _version
 _NET_OPTIONS = ("coeff", "activation", "n_power_iterations")
 
 
+def _pair_versions(x: Tensor, y: Tensor) -> tuple[int | None, int | None]:
+    """The version counters of a pair whose log-det is kept: an in-place change of either moves one."""
+    return _version(x), _version(y)
+
+
 class _FreshCache:
     """torch's one-pair transform cache (``cache_size=1``), dropped when the state it was made in
     changes: the mode (``train()``/``eval()``, gradients recorded or not) or a tensor it depends
@@ -119,7 +124,7 @@ class _ResidualTransform(_FreshCache):
     _context: Tensor | None
 
     def _init_transform(self, event_dim: int) -> None:
-        self._cached_logdet: tuple[Tensor, Tensor, Tensor] | None = None
+        self._cached_logdet: tuple[Tensor, Tensor, Tensor, tuple] | None = None
         if event_dim != 1:
             self.domain = constraints.independent(constraints.real, event_dim)
             self.codomain = constraints.independent(constraints.real, event_dim)
@@ -139,9 +144,13 @@ class _ResidualTransform(_FreshCache):
     def _training(self) -> bool:
         return self.block.training
 
+    def _state(self) -> tuple:
+        """Also the block's options: a log-det cached under another estimator is not served."""
+        return (*super()._state(), self.block._option_values())
+
     def _call(self, x: Tensor) -> Tensor:
         y, logdet = self.block.forward_and_logdet(x, self._context)
-        self._cached_logdet = (x, y, logdet)
+        self._cached_logdet = (x, y, logdet, _pair_versions(x, y))
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
@@ -150,10 +159,12 @@ class _ResidualTransform(_FreshCache):
     @_disable_dynamo
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         """Log-det of ``x -> y``, shape = batch shape. The pair just produced by ``_call`` is served
-        from a cache (the same estimator draw); any other pair is estimated afresh at ``x``."""
+        from a cache (the same estimator draw; whatever ``cache_size`` says, which is about the
+        pair), unless either tensor was modified in place since; any other pair is estimated
+        afresh at ``x``."""
         self._drop_stale_cache()
         cached = self._cached_logdet
-        if cached is not None and cached[0] is x and cached[1] is y:
+        if cached is not None and cached[0] is x and cached[1] is y and cached[3] == _pair_versions(x, y):
             return cached[2]
         return self.block.logdet(x, self._context)
 

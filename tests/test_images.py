@@ -524,6 +524,37 @@ def test_factor_out_recomputes_the_inner_logdet_for_another_pair() -> None:
     torch.testing.assert_close(recomputed, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_factor_out_does_not_serve_a_logdet_whose_pair_or_estimator_changed() -> None:
+    """The log-det kept from a call (or from an inverse's halves) is not served once ``x`` or ``y``
+    was modified in place, nor once an inner block's estimator changed."""
+    torch.manual_seed(0)
+    levels, alpha = 17, 0.05
+    t = FactorOut(LogitTransform(levels, alpha), keep_channels=1)
+
+    def expected(x: torch.Tensor) -> torch.Tensor:
+        p = alpha + (1 - 2 * alpha) * x[:, :1] / levels
+        return (math.log(1 - 2 * alpha) - math.log(levels) - torch.log(p) - torch.log1p(-p)).flatten(1).sum(1)
+
+    x = levels * torch.rand(3, 2, 2, 2, dtype=DTYPE)
+    y = t(x)
+    x.mul_(0.5)
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), expected(x), rtol=1e-12, atol=1e-12)
+    y = torch.randn(3, 2, 2, 2, dtype=DTYPE)
+    x = t.inv(y)
+    x.mul_(0.5)
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), expected(x), rtol=1e-12, atol=1e-12)
+
+    inner = conv_iresnet((1, 4, 4), hidden_channels=4, coeff=0.9).to(DTYPE)
+    t = FactorOut(inner, keep_channels=1)
+    x = torch.randn(2, 2, 4, 4, dtype=DTYPE)
+    y = t(x)
+    draw = t.log_abs_det_jacobian(x, y)
+    inner.block.logdet_method = "exact"
+    exact = inner.block.logdet(x[:, :1])
+    assert (draw - exact).abs().max() > 1e-6
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), exact)
+
+
 def test_multiscale_scale_is_actnorm_then_block_pairs() -> None:
     """The documented structure of a scale is Squeeze, n_blocks x (ActNorm, conv_iresnet), [next
     scale], Unsqueeze."""

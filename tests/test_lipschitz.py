@@ -177,6 +177,26 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
         LipschitzMLP([2, 4, 2], **kwargs)
 
 
+@pytest.mark.parametrize(
+    "name, value, match",
+    [
+        ("coeff", 1.5, r"coeff must be in \(0, 1\), got 1.5"),
+        ("coeff", "0.5", r"coeff must be a float in \(0, 1\), got str"),
+        ("n_power_iterations", 0, "n_power_iterations must be >= 1, got 0"),
+    ],
+)
+def test_a_layer_option_reassigned_is_checked_and_a_refused_one_changes_nothing(name: str, value, match: str) -> None:
+    from pyro_iresnet import SpectralNormConv2d
+
+    for layer in (SpectralNormLinear(2, 4, coeff=0.9), SpectralNormConv2d(2, 2, 3, (2, 4, 4), coeff=0.9)):
+        before = getattr(layer, name)
+        with pytest.raises((ValueError, TypeError), match=match):
+            setattr(layer, name, value)
+        assert getattr(layer, name) == before
+    layer.coeff = 0.5
+    assert layer.coeff == 0.5
+
+
 def test_bound_at_or_above_one_is_reported() -> None:
     transform = iresnet(2, hidden_dims=[8], coeff=0.99)
     layers = [m for m in transform.modules() if isinstance(m, SpectralNormLinear)]

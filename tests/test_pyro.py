@@ -25,6 +25,7 @@ from pyro_iresnet import (
     conditional_iresnet,
     iresnet,
     lipschitz_bound,
+    logdet_error_bound,
 )
 from pyro_iresnet.context import ConcatContextNet
 from tests.conftest import activate
@@ -305,6 +306,40 @@ def test_cache_is_dropped_when_the_cached_input_or_output_is_modified_in_place()
     with torch.no_grad():
         y_new.add_(1.0)
     torch.testing.assert_close(t.block(t.inv(y_new)), y_new)
+
+
+@pytest.mark.parametrize("cache_size", [0, 1])
+def test_cached_logdet_is_not_served_after_its_pair_was_modified_in_place(cache_size: int) -> None:
+    """The log-det kept from ``_call`` belongs to the (x, y) tensors as they were: modified in place
+    since (also after an inverse call replaced torch's pair cache, and with ``cache_size=0``, which
+    keeps no pair) it is estimated afresh at the new x."""
+    t = activate(iresnet(2, logdet="exact", cache_size=cache_size).to(DTYPE))
+    x = torch.randn(3, 2, dtype=DTYPE)
+    y = t(x)
+    t.log_abs_det_jacobian(x, y)
+    t.inv(torch.randn(3, 2, dtype=DTYPE))
+    with torch.no_grad():
+        x.mul_(5.0)
+    exact = per_sample_logdet(lambda v: v + t.block.g(v), x)
+    assert (exact - per_sample_logdet(lambda v: v + t.block.g(v), x / 5)).abs().max() > 1e-3
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), exact)
+
+
+def test_cached_logdet_is_not_served_after_an_option_changed() -> None:
+    """A log-det drawn with the unbiased estimator is not served for the same pair once the block's
+    estimator is exact; the pair cache goes with it (the tolerances of an inverse may have changed)."""
+    t = activate(iresnet(2).to(DTYPE))
+    x = torch.randn(4, 2, dtype=DTYPE)
+    y = t(x)
+    draw = t.log_abs_det_jacobian(x, y)
+    t.block.logdet_method = "exact"
+    exact = per_sample_logdet(lambda v: v + t.block.g(v), x)
+    assert (draw - exact).abs().max() > 1e-6
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), exact)
+    data = torch.randn(4, 2, dtype=DTYPE)
+    x_loose = t.inv(data)
+    t.block.atol = 1e-14
+    assert t.inv(data) is not x_loose
 
 
 def test_cache_is_dropped_when_the_mode_changes() -> None:
@@ -766,3 +801,28 @@ def test_cached_tensors_are_neither_pickled_nor_deep_copied() -> None:
     clone = copy.deepcopy(t)
     assert clone._cached_logdet is None and clone._cached_x_y == (None, None)
     torch.testing.assert_close(clone(x[:3]), t(x[:3]))
+
+
+@pytest.mark.parametrize("options", [{"logdet": "exact"}, {"logdet": "series", "exact_trace": True, "fused": False}])
+def test_a_flow_converted_to_pyro_modules_computes_exact_jacobians_on_its_first_call(options: dict) -> None:
+    """``to_pyro_module_`` makes the net put its parameters into Pyro's param store on their first
+    use in a forward, which cannot happen inside the exact Jacobian's ``torch.func.vmap``: the
+    first call (and the first after ``clear_param_store``) gave functorch's ``requires_grad_`` error."""
+    from pyro.nn.module import to_pyro_module_
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    t = iresnet(2, hidden_dims=[8], **options).to(DTYPE)
+    to_pyro_module_(t)
+    x = torch.randn(3, 2, dtype=DTYPE)
+    for _ in range(2):
+        y = t(x)
+        reference = per_sample_logdet(lambda v: v + t.block.g(v), x)
+        if options["logdet"] == "exact":
+            torch.testing.assert_close(t.log_abs_det_jacobian(x, y), reference)
+        else:  # the series with exact traces: within its truncation bound
+            bound = float(logdet_error_bound(lipschitz_bound(t), t.block.n_terms, 2))
+            assert float((t.log_abs_det_jacobian(x, y) - reference).detach().abs().max()) <= bound
+        pyro.clear_param_store()
+        t.clear_cache()
+    assert "block.net.layers.0.weight" not in pyro.get_param_store()  # cleared: the next call registers again
