@@ -269,8 +269,8 @@ def _anderson(
         usable = (status == 0) & (alpha.sum((1, 2)) * 0 == 0)
         x = torch.where(usable[:, None], (alpha.transpose(1, 2) @ gs[:, :k]).squeeze(1), gx)
     gx = y_active - g(x.view(-1, *y.shape[1:]), active).reshape(x.shape)
-    x_out[active], residual[active] = x, (gx - x).abs().amax(1)
-    return x_out.view_as(y), SolveInfo(max_iter, residual, False)
+    x_out[active], residual[active] = x, (gx - x).abs().amax(1)  # the last step's point, checked
+    return x_out.view_as(y), SolveInfo(max_iter, residual, bool((residual <= tol).all()))
 
 
 def _report(info: SolveInfo, what: str, strict: bool, lipschitz: float | None) -> None:

@@ -152,6 +152,20 @@ def test_anderson_lets_finished_and_diverged_samples_go() -> None:
     torch.testing.assert_close(x[finite], x_ref, rtol=0, atol=1e-11)
 
 
+def test_anderson_reports_the_point_its_last_step_reached_as_converged_when_it_is() -> None:
+    """The budget's last Anderson step lands on a point whose residual is checked: within the
+    tolerance it is converged, not reported as a failure with a residual of 0."""
+    y = torch.randn(3, 2, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, info = fixed_point_inverse(lambda z: torch.full_like(z, 0.5), y, method="anderson", max_iter=1)
+    assert info.converged and info.iterations == 1 and float(info.residual.max()) == 0.0
+    torch.testing.assert_close(x, y - 0.5, rtol=0, atol=0)
+    with pytest.warns(ConvergenceWarning, match="did not converge in 2 iterations"):
+        _, info = fixed_point_inverse(lambda z: 0.99 * torch.sin(z), 3 * y, method="anderson", max_iter=2)
+    assert not info.converged
+
+
 def test_anderson_when_every_sample_is_done_at_its_first_iteration() -> None:
     """Every sample within the tolerance at the first check (a block at its fixed point, an all-NaN
     batch, and a fixed point handing Anderson iterates that already meet the tolerance) returns
