@@ -117,6 +117,15 @@ _disable_dynamo = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; ``False`` for a device type without autocast
+    (``meta``, ``lazy``), for which torch's query raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _eager_in_parameter_dtype(method: _Method) -> _Method:
     """A public method of a module holding a residual block (:class:`ResidualBlock`, the normflows
     layer): it runs eagerly and in the parameters' precision.
@@ -140,7 +149,7 @@ def _eager_in_parameter_dtype(method: _Method) -> _Method:
                 "(a biased log-det); use Trace_ELBO, or torch.compile"
             )
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)), None)
-        if first is None or not torch.is_autocast_enabled(first.device.type):
+        if first is None or not _autocast_enabled(first.device.type):
             return method(self, *args, **kwargs)
         device_type = first.device.type
         param = next(self.parameters(), None)

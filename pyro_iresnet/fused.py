@@ -500,7 +500,9 @@ def _inverse(jac: Tensor) -> Tensor:
         adj = torch.stack([torch.stack([e, -b], -1), torch.stack([-c, a], -1)], -2)
         return adj / (a * e - b * c)[:, None, None]
     mat = _upcast_half(torch.eye(d, dtype=jac.dtype, device=jac.device) + jac)
-    return torch.linalg.inv(mat).to(jac.dtype)
+    # inv_ex: no host sync for its error check (a singular I + J, possible only with Lip(g) >= 1,
+    # gives non-finite entries, hence a non-finite gradient or Newton step, not an exception)
+    return torch.linalg.inv_ex(mat).inverse.to(jac.dtype)
 
 
 def _logabsdet(jac: Tensor, for_backward: bool) -> tuple[Tensor, Tensor | None]:

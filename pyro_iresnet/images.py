@@ -54,7 +54,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule, Transform
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
-from .block import _LOW_PRECISION, ResidualBlock
+from .block import _LOW_PRECISION, ResidualBlock, _autocast_enabled
 from .conv import LipschitzCNN, _check_shape
 from .errors import (
     _check_floating_tensor,
@@ -646,7 +646,7 @@ class _Scale(_Compose):
         if tuple(x.shape[-3:]) != self.shape:
             raise ValueError(f"x must have shape (..., {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
         dtype = next(self.parameters()).dtype
-        cast_by_autocast = x.dtype in _LOW_PRECISION and torch.is_autocast_enabled(x.device.type)  # as blocks do
+        cast_by_autocast = x.dtype in _LOW_PRECISION and _autocast_enabled(x.device.type)  # as blocks do
         if x.dtype != dtype and not cast_by_autocast:
             raise TypeError(
                 f"x has dtype {x.dtype} but the model's parameters are {dtype}; convert one of them "

@@ -109,7 +109,8 @@ def _restart_vector(like: Tensor) -> Tensor:
     """A fixed pseudo-random unit vector shaped, typed and placed like ``like`` (from its own seeded
     generator: torch's global RNG is not drawn from). Generic, unlike a constant vector, which can lie
     in an invariant subspace that misses the top singular vector (a channel-symmetric kernel)."""
-    x = torch.randn(like.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)  # a CPU generator: draw on the CPU, whatever the default device
+    x = torch.randn(like.shape, generator=generator, dtype=torch.float64, device="cpu")
     return _normalize_(x).to(like)
 
 

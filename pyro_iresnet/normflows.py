@@ -40,7 +40,7 @@ from .conv import conv_operator_norm
 from .errors import check_choice, check_positive_finite, check_positive_int, check_roulette_p
 from .fused import FusedMLP, _normalization, fused_mlp, supports_fused
 from .lipschitz import LipschitzMLP as CoreLipschitzMLP
-from .lipschitz import _tensor_state, lipschitz_bound, register_lipschitz_rule
+from .lipschitz import _tensor_state, _version, lipschitz_bound, register_lipschitz_rule
 
 _INDUCED_NORM_LAYERS = (InducedNormLinear, InducedNormConv2d)
 # The weight state (see ``_tensor_state``) each induced-norm layer's power iteration was last
@@ -219,13 +219,27 @@ def _scale_kept(layers: list[nn.Module]) -> Iterator[None]:
             layer.scale.copy_(scale)
 
 
+# The input size each InducedNormConv2d learned, with the state of its ``spatial_dims`` buffer it
+# was read from (storage and version: normflows writes it in place on the first forward, as does
+# ``load_state_dict``), so that it is read from the device only when it changed.
+_INPUT_SIZE_READ: WeakKeyDictionary[nn.Module, tuple[tuple[int, int], tuple[int, int]]] = WeakKeyDictionary()
+
+
 def _input_sizes(layers: list[nn.Module]) -> list[tuple[int, int]]:
     """The input size $(H, W)$ each ``InducedNormConv2d`` learned on its first forward (read from
-    the device: once per call of the layer, not per evaluation of $g$); ``(1, 1)`` for linears."""
-    return [
-        tuple(int(s) for s in layer.spatial_dims.tolist()) if isinstance(layer, InducedNormConv2d) else (1, 1)
-        for layer in layers
-    ]
+    the device only after its buffer changed); ``(1, 1)`` for linears."""
+    return [_input_size(layer) if isinstance(layer, InducedNormConv2d) else (1, 1) for layer in layers]
+
+
+def _input_size(layer: InducedNormConv2d) -> tuple[int, int]:
+    dims = layer.spatial_dims
+    state = (dims.data_ptr(), _version(dims))
+    kept = _INPUT_SIZE_READ.get(layer)
+    if kept is not None and kept[0] == state and state[1] is not None:  # an inference tensor has no version
+        return kept[1]
+    size = tuple(int(s) for s in dims.tolist())
+    _INPUT_SIZE_READ[layer] = (state, size)
+    return size
 
 
 @contextmanager

@@ -126,3 +126,15 @@ def test_only_lower_precision_inputs_are_cast():
     block = ResidualBlock(LipschitzMLP([2, 8, 2]))
     with torch.autocast(**AUTOCAST), pytest.raises(TypeError, match="dtype torch.float64"):
         block(DATA.double())
+
+
+def test_autocast_query_on_a_device_type_without_autocast() -> None:
+    """torch's ``is_autocast_enabled`` raises for device types without autocast (``meta``, ``lazy``);
+    the blocks' query treats them as not autocast, so calls on such tensors do not fail there."""
+    from pyro_iresnet.block import _autocast_enabled
+
+    with pytest.raises(RuntimeError):
+        torch.is_autocast_enabled("meta")
+    assert _autocast_enabled("meta") is False and _autocast_enabled("cpu") is False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _autocast_enabled("cpu") is True

@@ -698,3 +698,15 @@ def test_newton_solvers_check_the_context(conditional: bool, context, error: typ
         newton_inverse(mlp, y, context)
     with pytest.raises(error, match=match), torch.no_grad():
         newton_inverse_and_logdet(solver_net(mlp), y, context)
+
+
+def test_the_inverse_of_a_singular_i_plus_j_is_not_finite_instead_of_an_exception() -> None:
+    """For d > 2 the fused path inverts I + J with ``inv_ex`` (no host sync for an error check): a
+    singular I + J, possible only with Lip(g) >= 1, gives non-finite entries rather than raising;
+    a regular one its inverse."""
+    from pyro_iresnet.fused import _inverse
+
+    jac = torch.randn(4, 3, 3, dtype=torch.float64) * 0.2
+    torch.testing.assert_close(_inverse(jac), torch.linalg.inv(torch.eye(3, dtype=torch.float64) + jac))
+    singular = -torch.eye(3, dtype=torch.float64).expand(2, 3, 3).clone()
+    assert not bool(torch.isfinite(_inverse(singular)).all())

@@ -412,6 +412,19 @@ def test_degenerate_buffer_restart_is_deterministic_and_leaves_the_global_rng_al
     assert torch.equal(results[0], results[1])
 
 
+def test_degenerate_buffer_restart_under_another_default_device() -> None:
+    """The restart vector comes from a CPU generator, so it is drawn on the CPU whatever the default
+    device (under ``torch.device("cuda")`` a draw on the default device raised: a CPU generator for a
+    CUDA tensor); ``meta`` stands in for the other device here."""
+    from pyro_iresnet.lipschitz import _restart_vector
+
+    like = torch.zeros(4)
+    expected = _restart_vector(like)
+    with torch.device("meta"):
+        restarted = _restart_vector(like)
+    assert restarted.device == like.device and torch.equal(restarted, expected)
+
+
 def test_swapped_weight_parameter_reconverges_the_power_iteration() -> None:
     """A weight Parameter replaced by one with other values (Pyro's param store after a load) brings
     sigma~ to the new weight's exact norm at the next use, within the settle tolerance."""

@@ -1139,3 +1139,33 @@ def test_an_empty_batch_of_sequences() -> None:
     layer = Residual(nf.nets.LipschitzMLP([3, 8, 3], init_zeros=False), brute_force=True)
     z, log_det = layer.inverse(torch.randn(0, 2, 3))
     assert z.shape == (0, 2, 3) and log_det.shape == (0,)
+
+
+def test_the_conv_input_size_is_read_from_the_device_only_after_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The input size an ``InducedNormConv2d`` learned is read back (a host sync on an accelerator)
+    when its buffer changes (the first forward, ``load_state_dict``), not on every call; a checkpoint
+    of another input size still takes effect."""
+    torch.manual_seed(0)
+    net = nf.nets.LipschitzCNN([2, 4, 2], [3, 3], lipschitz_const=0.9, init_zeros=False)
+    layer = Residual(net)
+    convs = [m for m in net.modules() if isinstance(m, nf.nets.lipschitz.InducedNormConv2d)]
+    reads = []
+    original = torch.Tensor.tolist
+
+    def counted(tensor: torch.Tensor):
+        if any(tensor is conv.spatial_dims for conv in convs):
+            reads.append(1)
+        return original(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counted)
+    layer(torch.randn(3, 2, 4, 4))
+    first = len(reads)
+    for _ in range(3):
+        layer(torch.randn(3, 2, 4, 4))
+        layer.inverse(torch.randn(3, 2, 4, 4))
+    assert first >= len(convs) and len(reads) == first
+    other = Residual(nf.nets.LipschitzCNN([2, 4, 2], [3, 3], lipschitz_const=0.9, init_zeros=False))
+    other(torch.randn(3, 2, 6, 6))
+    layer.load_state_dict(other.state_dict())
+    layer(torch.randn(3, 2, 6, 6))
+    assert [layer.block.input_sizes[i] for i in range(len(convs))] == [(6, 6)] * len(convs)
