@@ -49,6 +49,7 @@ from .fused_inverse import SolverNet, newton_inverse, newton_inverse_and_logdet,
 from .inverse import SolveInfo, fixed_point_inverse
 from .lipschitz import (
     LipschitzMLP,
+    _settings_changed,
     _spectral_norm_layers,
     frozen_spectral_norm,
     lipschitz_bound,
@@ -343,17 +344,18 @@ class ResidualBlock(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Options reassigned after construction (``block.atol = 1e-8``) are checked as the
-        constructor checks them; a reassignment that fails leaves the block unchanged."""
+        constructor checks them; a reassignment that fails leaves the block unchanged, one that
+        succeeds is counted by :func:`~pyro_iresnet.lipschitz._settings_changed` (a Pyro
+        transform's cached results are then dropped)."""
         check = _OPTION_CHECKS.get(name)
-        if check is not None:
-            value = check(value)
-            if name in _STRUCTURE_OPTIONS and name in self.__dict__:  # after construction
-                self._check_structure(**{key: self.__dict__[key] for key in _STRUCTURE_OPTIONS} | {name: value})
+        if check is None:
+            super().__setattr__(name, value)
+            return
+        value = check(value)
+        if name in _STRUCTURE_OPTIONS and name in self.__dict__:  # after construction
+            self._check_structure(**{key: self.__dict__[key] for key in _STRUCTURE_OPTIONS} | {name: value})
         super().__setattr__(name, value)
-
-    def _option_values(self) -> tuple:
-        """The current values of every option (a change of one changes the tuple)."""
-        return tuple(self.__dict__.get(name) for name in _OPTION_CHECKS)
+        _settings_changed()
 
     def _check_structure(self, *, event_dim: int, fused: bool | str, exact_trace: bool, inverse_method: str) -> None:
         """The options that must fit the net and each other (each one already checked alone)."""
@@ -551,10 +553,10 @@ class ResidualBlock(nn.Module):
         return self.eval_logdet
 
     def _register_pyro_params(self, x: Tensor, context: Tensor | None) -> None:
-        """A net converted to a Pyro ``PyroModule`` (``to_pyro_module_``) puts each parameter into
+        """A net converted to a Pyro ``PyroModule`` (``to_pyro_module_``, also a part of it) puts each parameter into
         Pyro's param store on its first use in a forward, which cannot happen inside ``torch.func``
         transforms (the exact Jacobian's ``vmap``): one row goes through the net first, outside them."""
-        if getattr(self.net, "_pyro_context", None) is not None:
+        if any(getattr(module, "_pyro_context", None) is not None for module in self.net.modules()):
             self.g(x[:1], None if context is None else context[:1])
 
     def _logdet_flat(
@@ -865,8 +867,9 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
             )
         elif isinstance(obj, (list, tuple)):
             for i, item in enumerate(obj):
-                if not visit(item, ".".join(filter(None, (path, str(i))))):
-                    raise TypeError(f"item {i} of {path or 'the sequence'}: {kinds}, got {type(item).__name__}")
+                item_path = ".".join(filter(None, (path, str(i))))
+                if not visit(item, item_path):
+                    raise TypeError(f"the item at {item_path}: {kinds}, got {type(item).__name__}")
         elif isinstance(getattr(obj, "block", None), ResidualBlock):  # a conditioned transform
             found.append((path, obj.block))
         elif hasattr(obj, "parts"):  # ComposeTransform
@@ -875,6 +878,8 @@ def name_blocks(model: object, prefix: str = "") -> list[str]:
             visit(list(obj.transforms), ".".join(filter(None, (path, "transforms"))))
         elif hasattr(obj, "_inv") and obj._inv is not None:  # a transform's .inv
             visit(obj._inv, path)
+        elif callable(getattr(obj, "condition", None)) and hasattr(obj, "transform"):  # ConstantConditionalTransform
+            visit(obj.transform, ".".join(filter(None, (path, "transform"))))
         else:  # a transform or distribution without blocks, or a Pyro ConditionalTransform
             return isinstance(obj, (torch.distributions.Transform, torch.distributions.Distribution)) or callable(
                 getattr(obj, "condition", None)

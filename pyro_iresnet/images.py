@@ -54,7 +54,7 @@ from pyro.distributions.torch_transform import ComposeTransformModule, Transform
 from torch import Tensor, nn
 from torch.distributions import Transform, constraints
 
-from .block import _LOW_PRECISION, ResidualBlock, _autocast_enabled
+from .block import _LOW_PRECISION, _autocast_enabled, _disable_dynamo
 from .conv import LipschitzCNN, _check_shape
 from .errors import (
     _check_floating_tensor,
@@ -443,12 +443,6 @@ class FactorOut(_FreshCache, TransformModule):
         self.keep_channels = check_positive_int("keep_channels", keep_channels)
         self._cached_logdet: tuple[Tensor, Tensor, Tensor, tuple] | None = None
 
-    def _state(self) -> tuple:
-        """Also the options of the residual blocks inside: a log-det cached under another
-        estimator is not served."""
-        blocks = (m for m in self.inner.modules() if isinstance(m, ResidualBlock))
-        return (*super()._state(), *(block._option_values() for block in blocks))
-
     def _split(self, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
         if x.dim() < 3 or x.shape[-3] <= self.keep_channels:
             raise ValueError(
@@ -471,6 +465,7 @@ class FactorOut(_FreshCache, TransformModule):
         self._cached_halves = (x, y, x1, y1, _pair_versions(x, y))
         return x
 
+    @_disable_dynamo
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         self._drop_stale_cache()
         cached = self._cached_logdet

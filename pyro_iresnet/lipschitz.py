@@ -84,6 +84,22 @@ def _tensor_state(tensor: Tensor) -> tuple[int, int | None, int]:
     return tensor.data_ptr(), _version(tensor), _optimizer_steps.get(id(tensor), 0)
 
 
+_settings_epoch = 0
+
+
+def _settings_changed() -> None:
+    """Count an assignment of a setting that defines what a layer or a block computes (a layer's
+    ``coeff`` or ``n_power_iterations``, a block's options): results cached by a Pyro transform are
+    kept only while :func:`_settings_state` stays the same."""
+    global _settings_epoch
+    _settings_epoch += 1
+
+
+def _settings_state() -> int:
+    """The number of such assignments so far, in this process."""
+    return _settings_epoch
+
+
 def _version(tensor: Tensor) -> int | None:
     """The version counter of ``tensor``; ``None`` for an inference tensor (made under
     ``torch.inference_mode()``, e.g. by ``.to()`` there), which has none."""
@@ -128,12 +144,17 @@ class _SpectralNorm(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         """``coeff`` and ``n_power_iterations`` are checked on every assignment, also after
-        construction (``layer.coeff = 1.5`` would lift the normalisation)."""
+        construction (``layer.coeff = 1.5`` would lift the normalisation), and counted by
+        :func:`_settings_changed` (a Pyro transform's cached results are then dropped)."""
         if name == "coeff":
             value = check_unit_interval("coeff", value)
         elif name == "n_power_iterations":
             value = check_positive_int("n_power_iterations", value)
+        else:
+            super().__setattr__(name, value)
+            return
         super().__setattr__(name, value)
+        _settings_changed()
 
     def __getstate__(self) -> dict[str, Any]:
         """The state with the refresh markers that match the weight (or buffers) as pickled replaced

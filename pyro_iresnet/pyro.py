@@ -39,7 +39,7 @@ from torch.distributions import Transform, constraints
 from .block import ResidualBlock, _disable_dynamo
 from .context import ConcatContextNet
 from .errors import check_positive_int
-from .lipschitz import LipschitzMLP, _tensor_state, _version
+from .lipschitz import LipschitzMLP, _settings_state, _tensor_state, _version
 
 _NET_OPTIONS = ("coeff", "activation", "n_power_iterations")
 
@@ -56,7 +56,9 @@ class _FreshCache:
     ``.to()``, or ``requires_grad_`` switched), or the cached input or output itself modified in
     place (torch's cache matches tensors by identity alone). So the same input tensor passed again
     after a training step, first under ``no_grad`` and then with gradients, after unfreezing the
-    flow, or after ``x.add_(1)``, is computed afresh instead of served stale. The cache is not pickled (``torch.save``,
+    flow, or after ``x.add_(1)``, is computed afresh instead of served stale. It is also dropped
+    when a setting of a layer or block changes anywhere (``layer.coeff``, ``block.atol``, see
+    :func:`~pyro_iresnet.lipschitz._settings_changed`). The cache is not pickled (``torch.save``,
     ``copy.deepcopy``): a copy starts with none. Its bookkeeping runs eagerly under
     ``torch.compile`` (it reads version counters, on which compiled code would guard and recompile).
 
@@ -74,7 +76,7 @@ class _FreshCache:
     def _state(self) -> tuple:
         tensors = self._state_tensors()
         pair = [_version(t) for t in getattr(self, "_cached_x_y", ()) if isinstance(t, Tensor)]
-        return (self._training(), torch.is_grad_enabled(), *(_tensor_state(t) for t in tensors),
+        return (self._training(), torch.is_grad_enabled(), _settings_state(), *(_tensor_state(t) for t in tensors),
                 *(t.requires_grad for t in tensors), *pair)
 
     @_disable_dynamo
@@ -143,10 +145,6 @@ class _ResidualTransform(_FreshCache):
 
     def _training(self) -> bool:
         return self.block.training
-
-    def _state(self) -> tuple:
-        """Also the block's options: a log-det cached under another estimator is not served."""
-        return (*super()._state(), self.block._option_values())
 
     def _call(self, x: Tensor) -> Tensor:
         y, logdet = self.block.forward_and_logdet(x, self._context)

@@ -584,7 +584,7 @@ def test_name_blocks_refuses_what_holds_no_blocks_by_type(model: object) -> None
         name_blocks(model)
 
 
-@pytest.mark.parametrize("items, where", [([42], "item 0 of the sequence"), ((nn.Identity(), [None]), "item 0 of 1")])
+@pytest.mark.parametrize("items, where", [([42], "the item at 0"), ((nn.Identity(), [None]), "the item at 1.0")])
 def test_name_blocks_refuses_an_item_that_holds_no_blocks_by_type(items: object, where: str) -> None:
     from pyro_iresnet import name_blocks
 
@@ -608,10 +608,14 @@ def test_a_lipschitz_mlp_with_layers_edited_by_hand_is_not_size_checked() -> Non
 def test_name_blocks_walks_a_conditional_transformed_distribution() -> None:
     import pyro.distributions as dist
 
-    from pyro_iresnet import conditional_iresnet, name_blocks
+    from pyro_iresnet import conditional_iresnet, iresnet, name_blocks
 
     blocks = [conditional_iresnet(2, 3) for _ in range(2)]
     # a plain transform in a conditional flow is wrapped in a ConstantConditionalTransform
-    transforms = [blocks[0], dist.transforms.Permute(torch.tensor([1, 0])), blocks[1]]
+    transforms = [blocks[0], dist.transforms.Permute(torch.tensor([1, 0])), iresnet(2), blocks[1]]
     flow = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), transforms)
-    assert name_blocks(flow, prefix="flow") == ["0 of 2 (flow.transforms.0.block)", "1 of 2 (flow.transforms.2.block)"]
+    assert name_blocks(flow, prefix="flow") == [
+        "0 of 3 (flow.transforms.0.block)",
+        "1 of 3 (flow.transforms.2.transform.block)",
+        "2 of 3 (flow.transforms.3.block)",
+    ]

@@ -342,6 +342,21 @@ def test_cached_logdet_is_not_served_after_an_option_changed() -> None:
     assert t.inv(data) is not x_loose
 
 
+def test_cached_pair_is_not_served_after_a_layer_coeff_changed() -> None:
+    """A layer's ``coeff`` changes what g computes: the pair and its log-det are computed afresh."""
+    t = activate(iresnet(2, hidden_dims=[16], coeff=0.97, logdet="exact").to(DTYPE))
+    x = torch.randn(4, 2, dtype=DTYPE)
+    y = t(x)
+    t.log_abs_det_jacobian(x, y)
+    for layer in t.modules():
+        if isinstance(layer, SpectralNormLinear):
+            layer.coeff = 0.1
+    y_new = t(x)
+    assert y_new is not y
+    torch.testing.assert_close(y_new, x + t.block.g(x))
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y_new), per_sample_logdet(lambda v: v + t.block.g(v), x))
+
+
 def test_cache_is_dropped_when_the_mode_changes() -> None:
     """A pair cached in training mode (a random log-det draw) is not served in ``eval()``
     (exact log-det), and one computed under ``no_grad`` is not served when gradients are on."""
@@ -803,8 +818,9 @@ def test_cached_tensors_are_neither_pickled_nor_deep_copied() -> None:
     torch.testing.assert_close(clone(x[:3]), t(x[:3]))
 
 
+@pytest.mark.parametrize("part", ["whole", "first layer"])
 @pytest.mark.parametrize("options", [{"logdet": "exact"}, {"logdet": "series", "exact_trace": True, "fused": False}])
-def test_a_flow_converted_to_pyro_modules_computes_exact_jacobians_on_its_first_call(options: dict) -> None:
+def test_a_flow_converted_to_pyro_modules_computes_exact_jacobians_on_its_first_call(options: dict, part: str) -> None:
     """``to_pyro_module_`` makes the net put its parameters into Pyro's param store on their first
     use in a forward, which cannot happen inside the exact Jacobian's ``torch.func.vmap``: the
     first call (and the first after ``clear_param_store``) gave functorch's ``requires_grad_`` error."""
@@ -813,16 +829,17 @@ def test_a_flow_converted_to_pyro_modules_computes_exact_jacobians_on_its_first_
     pyro.clear_param_store()
     torch.manual_seed(0)
     t = iresnet(2, hidden_dims=[8], **options).to(DTYPE)
-    to_pyro_module_(t)
+    to_pyro_module_(t if part == "whole" else t.block.net.layers[0])
+    name = "block.net.layers.0.weight" if part == "whole" else "weight"
     x = torch.randn(3, 2, dtype=DTYPE)
     for _ in range(2):
         y = t(x)
+        assert name in pyro.get_param_store()  # registered by this call
         reference = per_sample_logdet(lambda v: v + t.block.g(v), x)
         if options["logdet"] == "exact":
             torch.testing.assert_close(t.log_abs_det_jacobian(x, y), reference)
         else:  # the series with exact traces: within its truncation bound
             bound = float(logdet_error_bound(lipschitz_bound(t), t.block.n_terms, 2))
             assert float((t.log_abs_det_jacobian(x, y) - reference).detach().abs().max()) <= bound
-        pyro.clear_param_store()
+        pyro.clear_param_store()  # the next call registers them again
         t.clear_cache()
-    assert "block.net.layers.0.weight" not in pyro.get_param_store()  # cleared: the next call registers again
