@@ -167,8 +167,8 @@ def sample_times(models: dict[str, nf.NormalizingFlow], n: int, reps: int) -> di
                 "normflows": ("theirs", None, None)}
     iters: dict[str, int | None] = {k: None for k in variants}
     clocks: dict[str, list[Clock]] = {k: [] for k in variants}
-    for _ in range(reps):
-        for name, (which, method, atol) in variants.items():
+    for r in range(reps):  # in alternating order
+        for name, (which, method, atol) in list(variants.items())[:: 1 if r % 2 == 0 else -1]:
             model = models[which].eval()
             if method:
                 set_inverse_method(model, method, atol)
@@ -183,11 +183,18 @@ def sample_times(models: dict[str, nf.NormalizingFlow], n: int, reps: int) -> di
     return {k: {**_summary(v), "iterations": iters[k]} for k, v in clocks.items()}
 
 
+def _alternating(trainers: dict[str, Trainer], i: int) -> list[tuple[str, Trainer]]:
+    """The trainers in their order for even ``i``, reversed for odd: neither side always runs first
+    (after the other's step, with its caches cold)."""
+    items = list(trainers.items())
+    return items if i % 2 == 0 else items[::-1]
+
+
 def step_times(trainers: dict[str, Trainer], data: torch.Generator, batch: int, n: int) -> dict[str, dict]:
     clocks: dict[str, list[Clock]] = {k: [] for k in trainers}
-    for _ in range(n):  # interleaved, same batches
+    for i in range(n):  # interleaved, same batches, in alternating order
         x = two_moons(batch, data)
-        for name, trainer in trainers.items():
+        for name, trainer in _alternating(trainers, i):
             with Clock() as clock:
                 trainer.step(x)
             clocks[name].append(clock)
@@ -256,7 +263,7 @@ def main() -> None:
         elapsed = {k: 0.0 for k in models}
         for step in range(1, args.steps + 1):
             x = two_moons(args.batch, data)
-            for k, trainer in trainers.items():
+            for k, trainer in _alternating(trainers, step):
                 start = time.perf_counter()
                 trainer.step(x)
                 elapsed[k] += time.perf_counter() - start
