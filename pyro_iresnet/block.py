@@ -22,7 +22,7 @@ import functools
 import inspect
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -475,6 +475,14 @@ class ResidualBlock(nn.Module):
     def _checks_values(self, x: Tensor) -> bool:
         return bool(self.check_finite or (self.check_finite is None and x.device.type == "cpu"))
 
+    def _check_shape(self, shape: Sequence[int], what: str) -> None:
+        """A ``ValueError`` naming ``what`` unless ``shape`` is ``(..., *event)`` for this block (its
+        net's ``event_shape`` where it has one, else ``event_dim`` dimensions of any size)."""
+        event_shape = tuple(shape[len(shape) - self.event_dim:]) if len(shape) >= self.event_dim else None
+        if event_shape is None or (self.event_shape is not None and event_shape != tuple(self.event_shape)):
+            expected = "(..., " + ", ".join(map(str, self.event_shape or ("*",) * self.event_dim)) + ")"
+            raise ValueError(f"{what} must have shape {expected}, got {tuple(shape)}")
+
     def _describe(self, name: str) -> str:
         role = {"x": "input to the forward map", "y": "input to the inverse"}.get(name)
         return name if role is None else f"{name} ({role} of residual block {self.name})"
@@ -511,10 +519,8 @@ class ResidualBlock(nn.Module):
         Returns the flat input, the flat context (or None), the batch shape and the full shape.
         """
         self._check_tensor(x, name)
-        event_shape = tuple(x.shape[x.dim() - self.event_dim:]) if x.dim() >= self.event_dim else None
-        if event_shape is None or (self.event_shape is not None and event_shape != tuple(self.event_shape)):
-            expected = "(..., " + ", ".join(map(str, self.event_shape or ("*",) * self.event_dim)) + ")"
-            raise ValueError(f"{self._describe(name)} must have shape {expected}, got {tuple(x.shape)}")
+        self._check_shape(x.shape, self._describe(name))
+        event_shape = x.shape[x.dim() - self.event_dim:]
         batch_shape = x.shape[: x.dim() - self.event_dim]
         if context is None:
             if self.context_dim is not None:

@@ -129,10 +129,16 @@ class Squeeze(_FreshCache, TransformModule):
         return x.new_zeros(x.shape[:-3])
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
+        if len(shape) < 3 or shape[-1] % 2 or shape[-2] % 2:
+            raise ValueError(f"Squeeze needs a shape (..., C, H, W) with even H and W, got {tuple(shape)}")
         *batch, c, h, w = shape
         return torch.Size((*batch, 4 * c, h // 2, w // 2))
 
     def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        if len(shape) < 3 or shape[-3] % 4:
+            raise ValueError(
+                f"Squeeze's inverse needs a shape (..., C, H, W) with C a multiple of 4, got {tuple(shape)}"
+            )
         *batch, c, h, w = shape
         return torch.Size((*batch, c // 4, 2 * h, 2 * w))
 
@@ -177,7 +183,10 @@ class ActNorm(_FreshCache, TransformModule):
     The first call of the explicit map ($x \mapsto y$) sets $s_c = -\log(\mathrm{std}_c + \epsilon)$
     and $b_c = -\mathrm{mean}_c\, e^{s_c}$ from that batch, so its output has zero mean and unit
     variance per channel; an inverse call before it uses the identity. Whether the initialisation
-    happened is a buffer, so a loaded checkpoint (or one broadcast by DDP) is not re-initialised.
+    happened is a buffer, so a loaded checkpoint (or one broadcast by DDP) is not re-initialised;
+    nor are parameters restored without that buffer (from Pyro's param store with
+    ``pyro.module(..., update_module_params=True)``, or a ``state_dict`` without it loaded with
+    ``strict=False``).
     A first batch with fewer than two values per channel leaves the map as the identity and the
     initialisation to the next call. Under DDP each rank would initialise from its own batch: run
     one forward before wrapping the model, so that DDP's constructor broadcasts rank 0's parameters
@@ -215,12 +224,24 @@ class ActNorm(_FreshCache, TransformModule):
         self.log_scale = nn.Parameter(torch.zeros(num_channels))
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False  # mirrors the buffer without reading it on the device
+        self._created = (self.bias, self.log_scale)  # replaced ones were loaded (Pyro's param store)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "initialized" not in state_dict and prefix + "log_scale" in state_dict:
+            self.initialized.fill_(True)  # parameters without the buffer (strict=False): loaded, trained
         self._initialized = bool(self.initialized)
+
+    def _mark_loaded(self) -> bool:
+        """Whether the parameters were replaced since construction: ``pyro.module(...,
+        update_module_params=True)`` puts those of Pyro's param store in their place, which holds
+        parameters but not this buffer. They are a trained model's, not to be initialised again."""
+        if self.bias is self._created[0] and self.log_scale is self._created[1]:
+            return False
+        self.initialized.fill_(True)
+        return True
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
@@ -241,7 +262,7 @@ class ActNorm(_FreshCache, TransformModule):
     def _call(self, x: Tensor) -> Tensor:
         _check_image("x", x, self.num_channels)
         if not self._initialized:  # read the buffer: it may have been set by a load or a broadcast
-            self._initialized = bool(self.initialized)
+            self._initialized = bool(self.initialized) or self._mark_loaded()
         if not self._initialized:
             self._initialize(x)
         log_scale, bias = self._affine()
@@ -325,7 +346,11 @@ class LogitTransform(_FreshCache, TransformModule):
 
     def _inverse(self, y: Tensor) -> Tensor:
         _check_image("y", y)
-        return (torch.sigmoid(y) - self.alpha) * self.levels / (1.0 - 2.0 * self.alpha)
+        x = (torch.sigmoid(y) - self.alpha) * self.levels / (1.0 - 2.0 * self.alpha)
+        # where the sigmoid saturates, x is the domain's edge, which rounding can put an ulp outside
+        # the declared interval (Pyro's support check would then refuse the model's own sample)
+        bounds = self.domain.base_constraint
+        return x.clamp(bounds.lower_bound, bounds.upper_bound)
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         p = self._p(x)

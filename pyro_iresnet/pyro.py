@@ -170,10 +170,11 @@ class _ResidualTransform(_FreshCache):
         return {**super()._cache_fields(), "_cached_logdet": None}
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
+        self.block._check_shape(shape, f"inputs of residual block {self.block.name}")
         return torch.Size(shape)
 
     def inverse_shape(self, shape: torch.Size) -> torch.Size:
-        return torch.Size(shape)
+        return self.forward_shape(shape)
 
 
 class InvertibleResidual(_ResidualTransform, TransformModule):
@@ -260,6 +261,7 @@ class ConditionedInvertibleResidual(_ResidualTransform, Transform):
 
     def _broadcast_batch(self, shape: torch.Size) -> torch.Size:
         """``shape`` with its batch part broadcast against the context's batch shape."""
+        self.block._check_shape(shape, f"inputs of residual block {self.block.name}")
         event = shape[len(shape) - self.event_dim:]
         try:
             batch = torch.broadcast_shapes(shape[: len(shape) - self.event_dim], self._context.shape[:-1])

@@ -901,3 +901,60 @@ def test_logit_transform_keeps_ordinary_data_exact_in_low_precision(dtype, level
     v = torch.tensor(values, dtype=dtype).reshape(1, 1, 1, -1)
     p = t.alpha + (1.0 - 2.0 * t.alpha) * v / t.levels
     assert torch.equal(t(v), torch.logit(p))
+
+
+def test_shape_functions_refuse_shapes_the_maps_cannot_take() -> None:
+    """``Squeeze`` on odd sizes (it floored them) and a multi-scale model on a base of another event
+    shape (accepted, failing only when sampling): refused where the distribution is built."""
+    with pytest.raises(ValueError, match=r"even H and W, got \(2, 1, 7, 8\)"):
+        Squeeze().forward_shape(torch.Size((2, 1, 7, 8)))
+    with pytest.raises(ValueError, match=r"C a multiple of 4, got \(3, 2, 2\)"):
+        Squeeze().inverse_shape(torch.Size((3, 2, 2)))
+    assert Unsqueeze().forward_shape(torch.Size((5, 8, 2, 3))) == (5, 2, 4, 6)
+    t = multiscale_iresnet((1, 8, 8), n_scales=1, n_blocks=1, hidden_channels=4)
+    for shape in [(1, 7, 8), (1, 4, 4), (4, 4, 4), (1, 6, 6)]:
+        with pytest.raises(ValueError, match="even H and W|inputs of residual block"):
+            dist.TransformedDistribution(dist.Normal(torch.zeros(shape), 1.0).to_event(3), [t])
+    flow = dist.TransformedDistribution(dist.Normal(torch.zeros(1, 8, 8), 1.0).to_event(3), [t])
+    assert flow.event_shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize(("levels", "alpha", "dtype"), [(5, 0.05, torch.float32), (17, 0.05, torch.float32),
+                                                        (256, 0.05, torch.float32), (17, 1e-6, torch.float64)])
+def test_logit_inverse_of_saturated_logits_lies_in_the_declared_domain(levels: int, alpha: float, dtype) -> None:
+    """Where the sigmoid saturates, the inverse returns the domain's edge, which rounding put an ulp
+    outside the declared interval: Pyro's support check then refused the model's own samples."""
+    t = LogitTransform(levels, alpha)
+    y = torch.tensor([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=dtype).reshape(1, 1, 1, 5)
+    x = t.inv(y)
+    assert bool(t.domain.check(x).all()), x
+    torch.testing.assert_close(x[..., 2], torch.full_like(x[..., 2], levels / 2))  # inside: unchanged
+
+
+def test_actnorm_restored_without_its_buffer_is_not_initialised_again() -> None:
+    """Pyro's param store holds parameters, not the ``initialized`` buffer: parameters put back with
+    ``pyro.module(..., update_module_params=True)`` (or a state dict without the buffer, loaded with
+    ``strict=False``) are a trained model's and are kept at the next call."""
+    import pyro
+
+    torch.manual_seed(0)
+    trained = ActNorm(2)
+    trained(torch.randn(16, 2, 3, 3) * 4 + 1)
+    pyro.clear_param_store()
+    pyro.module("norm", trained)
+    state = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    pyro.clear_param_store()
+    for name, value in state.items():
+        pyro.param(name, value)
+    restored = ActNorm(2)
+    pyro.module("norm", restored, update_module_params=True)
+    x = torch.randn(8, 2, 3, 3)
+    torch.testing.assert_close(restored(x), trained(x))
+    loaded = ActNorm(2)
+    without_buffer = {k: v for k, v in trained.state_dict().items() if k != "initialized"}
+    loaded.load_state_dict(without_buffer, strict=False)
+    torch.testing.assert_close(loaded(x), trained(x))
+    fresh = ActNorm(2)
+    fresh(x)
+    assert bool(fresh.initialized) and not torch.allclose(fresh.log_scale, torch.zeros(2))
+    pyro.clear_param_store()
