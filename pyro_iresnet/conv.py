@@ -23,13 +23,14 @@ from __future__ import annotations
 __all__ = ["LipschitzCNN", "SpectralNormConv2d", "conv_operator_norm"]
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import check_choice, check_positive_int
+from .errors import LipschitzWarning, check_choice, check_positive_int
 from .lipschitz import _ACTIVATIONS, _SpectralNorm, lipschitz_bound
 
 _DENSE_MAX_SIDE = 512
@@ -54,7 +55,9 @@ def _check_kernel_size(name: str, kernel_size: int) -> int:
 def _lanczos_max_eigenvalue(matvec: Callable[[Tensor], Tensor], start: Tensor) -> float:
     r"""Largest eigenvalue of a symmetric PSD operator by Lanczos with full reorthogonalisation,
     stopped when the Ritz residual $\beta_j |s_j|$ is below $10^{-12}\,\theta$. Returns
-    $\theta + \beta_j |s_j|$ (an eigenvalue lies within the residual of the Ritz value $\theta$)."""
+    $\theta + \beta_j |s_j|$ (an eigenvalue lies within the residual of the Ritz value $\theta$).
+    Warns (:class:`~pyro_iresnet.LipschitzWarning`) if the iteration cap ends it first: the value
+    is then not known to be the largest eigenvalue, nor an upper bound on it."""
     n = start.numel()
     basis = [start.flatten() / start.norm()]
     alphas: list[Tensor] = []
@@ -77,6 +80,13 @@ def _lanczos_max_eigenvalue(matvec: Callable[[Tensor], Tensor], start: Tensor) -
             return float(theta + residual)
         betas.append(beta)
         basis.append(w / beta)
+    warnings.warn(
+        f"Lanczos for a convolution's operator norm stopped after {_LANCZOS_MAX_ITER} iterations with a "
+        f"relative residual of {float(residual / theta.abs()):.2e} (target {_LANCZOS_RTOL:.0e}): the norm "
+        "returned may be below the exact one, so a certificate built from it may not bound Lip(g)",
+        LipschitzWarning,
+        stacklevel=3,
+    )
     return float(theta + residual)
 
 

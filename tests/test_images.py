@@ -958,3 +958,20 @@ def test_actnorm_restored_without_its_buffer_is_not_initialised_again() -> None:
     fresh(x)
     assert bool(fresh.initialized) and not torch.allclose(fresh.log_scale, torch.zeros(2))
     pyro.clear_param_store()
+
+
+def test_lanczos_warns_when_its_iteration_cap_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped by the cap short of its tolerance, Lanczos's value is not known to bound the norm:
+    it warns instead of returning it silently (a certificate could rest on it)."""
+    from pyro_iresnet import LipschitzWarning
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 3, 3, 3, dtype=torch.float64)
+    monkeypatch.setattr(conv_module, "_DENSE_MAX_SIDE", 0)  # force Lanczos
+    monkeypatch.setattr(conv_module, "_LANCZOS_MAX_ITER", 3)
+    with pytest.warns(LipschitzWarning, match="stopped after 3 iterations"):
+        conv_operator_norm(w, (3, 6, 6), 1)
+    monkeypatch.setattr(conv_module, "_LANCZOS_MAX_ITER", 500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conv_operator_norm(w, (3, 6, 6), 1)
