@@ -23,6 +23,7 @@ from __future__ import annotations
 __all__ = ["LipschitzCNN", "SpectralNormConv2d", "conv_operator_norm"]
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -39,10 +40,11 @@ _LANCZOS_RTOL = 1e-12
 
 
 def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, int, int]:
+    """Three positive integers (numpy integers included, as Python ints; ``bool`` refused)."""
     shape = tuple(shape)
-    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+    if len(shape) != 3 or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in shape):
         raise ValueError(f"{name} must be three positive ints (C, H, W), got {shape}")
-    return shape  # type: ignore[return-value]
+    return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
 def _check_kernel_size(name: str, kernel_size: int) -> int:

@@ -684,7 +684,7 @@ def multiscale_iresnet(
     factor_out: bool = True,
     actnorm: bool = True,
     levels: int | None = None,
-    alpha: float = 0.05,
+    alpha: float | None = None,
     **options: Any,
 ) -> MultiscaleTransform:
     r"""Multi-scale convolutional i-ResNet flow, ready for ``TransformedDistribution``.
@@ -704,15 +704,15 @@ def multiscale_iresnet(
         factor_out: Factor out half of the channels between scales.
         actnorm: Put an :class:`ActNorm` before every block.
         levels: Intensity levels $K$ of the data, or ``None`` for no logit preprocessing.
-        alpha: Logit margin of :class:`LogitTransform`.
+        alpha: Logit margin of :class:`LogitTransform` (default 0.05); only with ``levels``.
         **options: Options of :func:`conv_iresnet` (``coeff``, ``logdet``, ``n_terms``, ...).
 
     Returns:
         A transform from latents to data; its ``encoder`` maps data to latents explicitly.
 
     Raises:
-        ValueError: If $H$ or $W$ is not divisible by $2^{n_\text{scales}}$, or an option is out
-            of range.
+        ValueError: If $H$ or $W$ is not divisible by $2^{n_\text{scales}}$, an option is out
+            of range, or ``alpha`` is given without ``levels``.
 
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
@@ -741,7 +741,9 @@ def multiscale_iresnet(
         check_unit_interval("coeff", options["coeff"])
     block_kwargs = dict(options, hidden_channels=hidden_channels, kernel_sizes=kernel_sizes)
     parts: list[TransformModule] = []
+    if levels is None and alpha is not None:
+        raise ValueError(f"alpha={alpha} is the logit preprocessing's margin, which needs levels (got levels=None)")
     if levels is not None:
-        parts.append(LogitTransform(levels, alpha))
+        parts.append(LogitTransform(levels, 0.05 if alpha is None else alpha))
     parts.append(_scale(shape, n_scales, n_blocks, factor_out, actnorm, block_kwargs))
     return MultiscaleTransform(_Compose(parts))

@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
@@ -975,3 +976,15 @@ def test_lanczos_warns_when_its_iteration_cap_ends_it(monkeypatch: pytest.Monkey
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         conv_operator_norm(w, (3, 6, 6), 1)
+
+
+def test_multiscale_refuses_alpha_without_levels_and_takes_numpy_shapes() -> None:
+    """``alpha`` without ``levels`` was silently ignored; a shape read from a numpy array was refused
+    though numpy integers are accepted everywhere else."""
+    with pytest.raises(ValueError, match="alpha=0.6 is the logit preprocessing's margin, which needs levels"):
+        multiscale_iresnet((1, 8, 8), alpha=0.6)
+    t = multiscale_iresnet(tuple(np.array([1, 8, 8])), n_scales=1, n_blocks=1, hidden_channels=4, levels=17, alpha=0.1)
+    logit = next(m for m in t.modules() if isinstance(m, LogitTransform))
+    assert logit.alpha == 0.1
+    with pytest.raises(ValueError, match=r"three positive ints \(C, H, W\)"):
+        multiscale_iresnet((1, 8, True))
