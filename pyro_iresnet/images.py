@@ -184,9 +184,10 @@ class ActNorm(_FreshCache, TransformModule):
     and $b_c = -\mathrm{mean}_c\, e^{s_c}$ from that batch, so its output has zero mean and unit
     variance per channel; an inverse call before it uses the identity. Whether the initialisation
     happened is a buffer, so a loaded checkpoint (or one broadcast by DDP) is not re-initialised;
-    nor are parameters restored without that buffer (from Pyro's param store with
-    ``pyro.module(..., update_module_params=True)``, or a ``state_dict`` without it loaded with
-    ``strict=False``).
+    nor are parameters set from outside without that buffer (restored from Pyro's param store with
+    ``pyro.module(..., update_module_params=True)``, a ``state_dict`` without it loaded with
+    ``strict=False``, or by hand): the map initialises itself only while both are all zeros, as it
+    starts.
     A first batch with fewer than two values per channel leaves the map as the identity and the
     initialisation to the next call. Under DDP each rank would initialise from its own batch: run
     one forward before wrapping the model, so that DDP's constructor broadcasts rank 0's parameters
@@ -224,21 +225,21 @@ class ActNorm(_FreshCache, TransformModule):
         self.log_scale = nn.Parameter(torch.zeros(num_channels))
         self.register_buffer("initialized", torch.tensor(False))
         self._initialized = False  # mirrors the buffer without reading it on the device
-        self._created = (self.bias, self.log_scale)  # replaced ones were loaded (Pyro's param store)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if prefix + "initialized" not in state_dict and prefix + "log_scale" in state_dict:
-            self.initialized.fill_(True)  # parameters without the buffer (strict=False): loaded, trained
         self._initialized = bool(self.initialized)
 
-    def _mark_loaded(self) -> bool:
-        """Whether the parameters were replaced since construction: ``pyro.module(...,
-        update_module_params=True)`` puts those of Pyro's param store in their place, which holds
-        parameters but not this buffer. They are a trained model's, not to be initialised again."""
-        if self.bias is self._created[0] and self.log_scale is self._created[1]:
+    def _set_from_outside(self) -> bool:
+        """Whether the parameters of a map not yet initialised were set from outside: anything but
+        the zeros it starts with. Pyro's param store (``pyro.module(..., update_module_params=True)``)
+        and a ``state_dict`` without the buffer (``strict=False``) restore parameters but not this
+        buffer; such parameters are kept, and the map counts as initialised. Zeros put back on
+        purpose are initialised from the next batch. One read of the device, before the first
+        initialisation only."""
+        if not bool(torch.any(self.log_scale != 0) | torch.any(self.bias != 0)):
             return False
         self.initialized.fill_(True)
         return True
@@ -262,7 +263,7 @@ class ActNorm(_FreshCache, TransformModule):
     def _call(self, x: Tensor) -> Tensor:
         _check_image("x", x, self.num_channels)
         if not self._initialized:  # read the buffer: it may have been set by a load or a broadcast
-            self._initialized = bool(self.initialized) or self._mark_loaded()
+            self._initialized = bool(self.initialized) or self._set_from_outside()
         if not self._initialized:
             self._initialize(x)
         log_scale, bias = self._affine()

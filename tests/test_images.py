@@ -959,6 +959,14 @@ def test_actnorm_restored_without_its_buffer_is_not_initialised_again() -> None:
     fresh(x)
     assert bool(fresh.initialized) and not torch.allclose(fresh.log_scale, torch.zeros(2))
     pyro.clear_param_store()
+    # zeros put in place on purpose (new Parameters, or a conversion that replaces them) still
+    # initialise from the next batch
+    reset = ActNorm(2)
+    reset.log_scale, reset.bias = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    data = torch.randn(16, 2, 3, 3) * 4 + 1
+    y = reset(data)
+    assert bool(reset.initialized)
+    torch.testing.assert_close(y.movedim(-3, 0).reshape(2, -1).std(1), torch.ones(2), rtol=1e-4, atol=0)
 
 
 def test_lanczos_warns_when_its_iteration_cap_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:

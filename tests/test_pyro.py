@@ -778,6 +778,21 @@ def test_condition_with_a_context_that_does_not_broadcast_names_both_shapes() ->
         flow.condition(torch.randn(5, 2))
 
 
+def test_a_base_of_another_event_shape_is_refused_where_the_distribution_is_built() -> None:
+    """Plain and conditioned transforms check the event shape in their shape functions, so a base of
+    another event size fails when the distribution is built, naming the block, instead of at the
+    first sample or log_prob (or silently with an event shape the transform cannot take)."""
+    t = iresnet(2, hidden_dims=[8])
+    with pytest.raises(ValueError, match=r"inputs of residual block .* must have shape \(\.\.\., 2\), got \(3,\)"):
+        dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [t])
+    c = conditional_iresnet(2, 2, hidden_dims=[8])
+    flow = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(4, 3), 1.0).to_event(1), [c])
+    with pytest.raises(ValueError, match=r"inputs of residual block .* must have shape \(\.\.\., 2\), got \(4, 3\)"):
+        flow.condition(torch.randn(4, 2))
+    good = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(4, 2), 1.0).to_event(1), [c])
+    assert good.condition(torch.randn(4, 2)).event_shape == (2,)
+
+
 def test_cache_is_dropped_when_a_frozen_flow_is_unfrozen() -> None:
     """The same data tensor, first with the flow frozen (only the base trains), then unfrozen: the
     cached pair and log-det made without a graph were served again, so the first step after
