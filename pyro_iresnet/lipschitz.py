@@ -130,6 +130,10 @@ def _restart_vector(like: Tensor) -> Tensor:
     return _normalize_(x).to(like)
 
 
+# the layer settings checked on every assignment (see _SpectralNorm.__setattr__)
+_LAYER_SETTING_CHECKS = {"coeff": check_unit_interval, "n_power_iterations": check_positive_int}
+
+
 class _SpectralNorm(nn.Module):
     r"""Shared machinery of spectrally normalised layers.
 
@@ -146,14 +150,11 @@ class _SpectralNorm(nn.Module):
         """``coeff`` and ``n_power_iterations`` are checked on every assignment, also after
         construction (``layer.coeff = 1.5`` would lift the normalisation), and counted by
         :func:`_settings_changed` (a Pyro transform's cached results are then dropped)."""
-        if name == "coeff":
-            value = check_unit_interval("coeff", value)
-        elif name == "n_power_iterations":
-            value = check_positive_int("n_power_iterations", value)
-        else:
+        check = _LAYER_SETTING_CHECKS.get(name)
+        if check is None:
             super().__setattr__(name, value)
             return
-        super().__setattr__(name, value)
+        super().__setattr__(name, check(name, value))
         _settings_changed()
 
     def __getstate__(self) -> dict[str, Any]:
