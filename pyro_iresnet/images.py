@@ -477,16 +477,25 @@ class FactorOut(_FreshCache, TransformModule):
             )
         return x[..., : self.keep_channels, :, :], x[..., self.keep_channels :, :, :]
 
+    @staticmethod
+    def _same_shape(out: Tensor, inp: Tensor, what: str) -> Tensor:
+        if out.shape != inp.shape:
+            raise ValueError(
+                f"FactorOut's inner transform must keep the shape of the channels it transforms: {what} has "
+                f"shape {tuple(out.shape)}, its input {tuple(inp.shape)}"
+            )
+        return out
+
     def _call(self, x: Tensor) -> Tensor:
         x1, x2 = self._split(x, "x")
-        y1 = self.inner(x1)
+        y1 = self._same_shape(self.inner(x1), x1, "inner(x)")
         y = torch.cat([y1, x2], dim=-3)
         self._cached_logdet = (x, y, self.inner.log_abs_det_jacobian(x1, y1), _pair_versions(x, y))
         return y
 
     def _inverse(self, y: Tensor) -> Tensor:
         y1, y2 = self._split(y, "y")
-        x1 = self.inner.inv(y1)
+        x1 = self._same_shape(self.inner.inv(y1), y1, "inner.inv(y)")
         x = torch.cat([x1, y2], dim=-3)
         self._cached_halves = (x, y, x1, y1, _pair_versions(x, y))
         return x

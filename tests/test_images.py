@@ -996,3 +996,12 @@ def test_multiscale_refuses_alpha_without_levels_and_takes_numpy_shapes() -> Non
     assert logit.alpha == 0.1
     with pytest.raises(ValueError, match=r"three positive ints \(C, H, W\)"):
         multiscale_iresnet((1, 8, True))
+
+
+def test_factor_out_names_an_inner_transform_that_changes_the_shape() -> None:
+    """A shape-changing inner transform (a Squeeze) failed inside ``torch.cat`` with its size error."""
+    t = FactorOut(Squeeze(), keep_channels=1)
+    with pytest.raises(ValueError, match=r"inner transform must keep the shape .* inner\(x\) has shape \(2, 4, 2, 2\)"):
+        t(torch.randn(2, 2, 4, 4))
+    with pytest.raises(ValueError, match=r"inner.inv\(y\) has shape \(2, 16, 1, 1\)"):
+        FactorOut(Unsqueeze(), keep_channels=4).inv(torch.randn(2, 5, 2, 2))
