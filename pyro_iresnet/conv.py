@@ -116,6 +116,10 @@ def conv_operator_norm(weight: Tensor, input_shape: Sequence[int], padding: int)
         ValueError: If ``input_shape`` is not three positive ints, or the convolution has no output
             on it.
 
+    Warns:
+        LipschitzWarning: If Lanczos reaches its cap of 500 iterations short of its tolerance (the
+            value is then not known to bound the norm).
+
     References:
         Invertible Residual Networks (Behrmann et al., 2019), https://arxiv.org/abs/1811.00995
 

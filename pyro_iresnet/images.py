@@ -237,8 +237,8 @@ class ActNorm(_FreshCache, TransformModule):
         the zeros it starts with. Pyro's param store (``pyro.module(..., update_module_params=True)``)
         and a ``state_dict`` without the buffer (``strict=False``) restore parameters but not this
         buffer; such parameters are kept, and the map counts as initialised. Zeros put back on
-        purpose are initialised from the next batch. One read of the device, before the first
-        initialisation only."""
+        purpose are initialised from the next batch. Reads the device only while the map is not
+        initialised (a fresh model's first call or calls)."""
         if not bool(torch.any(self.log_scale != 0) | torch.any(self.bias != 0)):
             return False
         self.initialized.fill_(True)

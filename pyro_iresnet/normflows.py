@@ -669,7 +669,7 @@ def multiscale_normalizing_flow(input_shape: tuple[int, int, int], **options: An
 
     encoder = multiscale_iresnet(input_shape, **options).encoder
     flows = [_TransformFlow(part) for part in reversed(encoder.parts)]
-    return NormalizingFlow(DiagGaussian(tuple(input_shape), trainable=False), flows)
+    return NormalizingFlow(DiagGaussian(tuple(int(s) for s in input_shape), trainable=False), flows)
 
 
 __all__ += ["multiscale_normalizing_flow"]
