@@ -261,7 +261,7 @@ def _check_newton_inputs(y: Tensor, weight: Tensor, context: Tensor | None, cont
     """``y`` of shape ``(N, d)`` in the dtype of the net, whose first weight is ``weight`` (``(h, d)``),
     and a context of shape ``(N, context_dim)`` in that dtype exactly when the net is conditional
     (``context_weight``, ``(h, context_dim)``, not ``None``)."""
-    _check_targets(y)
+    _check_targets(y, context)  # also: a context is a tensor with one row per sample
     d = weight.shape[1]
     if y.dim() != 2 or y.shape[1] != d:
         raise ValueError(f"y must have shape (N, {d}) for this net, got {tuple(y.shape)}")
@@ -274,9 +274,8 @@ def _check_newton_inputs(y: Tensor, weight: Tensor, context: Tensor | None, cont
     if context is None:
         return
     _check_floating_tensor("context", context)
-    expected = (y.shape[0], context_weight.shape[1])
-    if tuple(context.shape) != expected:
-        raise ValueError(f"context must have shape {expected} (one row per sample of y), got {tuple(context.shape)}")
+    if context.dim() != 2 or context.shape[1] != context_weight.shape[1]:
+        raise ValueError(f"context must have shape (N, {context_weight.shape[1]}), got {tuple(context.shape)}")
     if context.dtype != weight.dtype:
         raise TypeError(
             f"context has dtype {context.dtype} but the net's weights are {weight.dtype}; convert one of them"

@@ -376,7 +376,7 @@ def dequantize(x: Tensor) -> Tensor:
         $v$, shaped like ``x``.
 
     Raises:
-        TypeError: If ``x`` does not have a floating dtype.
+        TypeError: If ``x`` is not a tensor of a floating dtype.
 
     References:
         A note on the evaluation of generative models (Theis et al., 2016),
@@ -388,8 +388,7 @@ def dequantize(x: Tensor) -> Tensor:
         >>> bool((v.floor() == x).all())
         True
     """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating tensor, got {x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    _check_floating_tensor("x", x)
     # x + u rounds up to x + 1 when u is within half an ulp of x below 1 (about 1 in 1.3e5 draws
     # at x = 255 in float32): keep v below x + 1, so that floor(v) = x
     return torch.minimum(x + torch.rand_like(x), torch.nextafter(x + 1, x))

@@ -682,8 +682,8 @@ def test_conditional_newton_sampling_matches_the_exact_reference(monkeypatch: py
     [
         (True, None, ValueError, "the net is conditional: pass a context"),
         (False, torch.randn(4, 3), ValueError, "the net takes no context, got one"),
-        (True, torch.randn(5, 3), ValueError, r"shape \(4, 3\) \(one row per sample of y\), got \(5, 3\)"),
-        (True, torch.randn(4, 2), ValueError, r"context must have shape \(4, 3\)"),
+        (True, torch.randn(5, 3), ValueError, r"context must have one row per sample of y \(4\), got shape \(5, 3\)"),
+        (True, torch.randn(4, 2), ValueError, r"context must have shape \(N, 3\), got \(4, 2\)"),
         (True, torch.randn(4, 3, dtype=torch.float64), TypeError, "context has dtype torch.float64 but the net's"),
         (True, torch.ones(4, 3, dtype=torch.int64), TypeError, "context must have a floating dtype"),
         (True, [[0.0] * 3] * 4, TypeError, "context must be a torch.Tensor, got list"),

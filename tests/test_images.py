@@ -864,7 +864,7 @@ def test_logit_transform_refuses_data_outside_its_domain() -> None:
     [
         (lambda: LogitTransform(17, alpha="0.1"), "alpha must be a float in \\(0, 0.5\\), got str"),
         (lambda: conv_iresnet((1, 4, 4), kernel_sizes=3), "kernel_sizes must be a sequence of ints, got int"),
-        (lambda: dequantize([1.0]), "x must be a floating tensor, got list"),
+        (lambda: dequantize([1.0]), "x must be a torch.Tensor, got list"),
     ],
     ids=["alpha", "kernel_sizes", "dequantize"],
 )
